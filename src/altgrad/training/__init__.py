@@ -1,0 +1,1 @@
+"""Training: model, data, config, optimizers, trainer, checkpoints, loggers, metrics."""

@@ -1,0 +1,686 @@
+"""Optimizers that know each weight's quantization grid: AdamW, SGD, ManifoldAdamW, GridOptim.
+
+All four are ``torch.optim.Optimizer``s (param groups, ``state_dict``/``load_state_dict``, any device)
+and run one vectorized update per parameter with no host synchronisation.
+
+**How an optimizer learns a weight's grid.** ``quant_info(param)`` returns ``(format, scale)`` -- the
+layer's weight format and its *current* scale (a float, a 0-dim tensor or a per-channel tensor
+broadcastable to the weight) -- or None for a parameter that is not quantized. The trainer builds it
+from its ``QuantizedLinear`` layers (``quant_info_from_model`` does the same by duck typing). For
+standalone use a param group may carry ``format=`` (a FloatFormat or a name) and ``scale=`` (default
+1.0) instead; **a group's format wins over quant_info** for the parameters of that group, since it is
+the more specific, deliberate setting. Unquantized parameters get the optimizer's plain rule (AdamW
+for ManifoldAdamW, momentum SGD for GridOptim).
+
+**The grid spacing (stiffness).** For a weight w in a format with M mantissa bits at scale s::
+
+    S(w) = s * 2^(max(floor(log2|w/s|), emin) - M)        (altgrad.quantization.diagnostics.grid_spacing)
+
+the distance between neighbouring representable values around w (one ULP): relative spacing 2^-M
+in the normal range, the constant subnormal spacing ``s * 2^(emin - M)`` near zero, ``s / 2^7``
+everywhere for E0M7, and ``s * 2^floor(log2|w/s|)`` (the power of two itself) for E7M0.
+
+**The update rules** (``g`` gradient, ``m_hat``, ``v_hat`` Adam's bias-corrected moments):
+
+* ``AdamW``: ``w <- w (1 - lr wd)``, then ``w <- w - lr m_hat / (sqrt(v_hat) + eps)`` -- identical
+  to ``torch.optim.AdamW(foreach=False)``, bit for bit.
+* ``SGD``: ``d = g + wd w``; ``b <- mu b + d`` (``b = d`` at the first step); ``w <- w - lr b``
+  (``d + mu b`` with nesterov) -- identical to ``torch.optim.SGD``.
+* ``ManifoldAdamW(mode="ulp_step")``: ``w <- w - lr * S(w) * m_hat / (sqrt(v_hat) + eps)``: lr is
+  in grid steps, a weight moves by about ``lr`` ULPs of its own format per step (at most ~lr/(1-b1)
+  in a steady gradient). Weight decay is also in ULPs: ``w <- w - sign(w) min(|w|, lr wd S(w))``.
+  In the normal range ``S/|w|`` lies in ``(2^-(M+1), 2^-M]``, so this is AdamW's multiplicative
+  shrink ``w (1 - lr' wd)`` with ``lr' = lr S/|w|`` (the step as a fraction of |w|), piecewise
+  constant per binade; near zero (constant subnormal spacing) it stops at zero instead of crossing.
+  S is taken at the weight before the step.
+* ``ManifoldAdamW(mode="grad_scale")``: Adam on ``g' = S(w) g`` (the AltGrad notes' variant); lr
+  and weight decay are AdamW's (weight units). If ``S`` is constant over the moments' memory,
+  ``m'/(sqrt(v') + eps) = m / (sqrt(v) + eps/S)`` exactly: the per-weight S cancels and the only
+  effect is a per-weight epsilon ``eps / S`` (large for small-spacing weights, damping steps whose
+  ``sqrt(v) < eps/S``). S matters otherwise only through its *changes*: ``m' = sum_k c_k S_k g_k``,
+  ``v' = sum_k c'_k S_k^2 g_k^2`` weight each past gradient by the spacing it had, so after a
+  weight crosses a binade upward (S doubles) its new gradients count 2x in m and 4x in v, and a
+  change of the layer's scale rescales the whole layer's history the same way.
+* ``GridOptim``: momentum in grid rungs ``v <- clip(mu v + lr (g + wd w) / S(w), +-rung_clip)``;
+  ``k = stochastic_round(v)``; the weight moves ``k`` representable values down the sorted finite
+  table of its format (``sort(format.values()) * s``), clamped at the table ends, and the master
+  weight is set to that grid value. ``step()`` returns ``{"loss", "flips", "updates"}``.
+
+**Low-precision weight storage** (AdamW, SGD, ManifoldAdamW): ``weight_storage=`` a format (or name)
+keeps no fp32 master copy: after every step each weight is rounded into that format (at scale 1),
+or with ``weight_storage="quantized"`` into its own quant_info format at its current scale.
+``storage_rounding`` is ``"nearest"`` or ``"stochastic"``; ``kahan=True`` adds Kahan-compensated
+summation (Zamirai et al. 2020): with ``w`` the stored weight, ``u`` the fp32 update and ``c`` the
+compensation (optimizer state ``"kahan_comp"``)::
+
+    y = u + c;   w' = Q(w + y);   c = y - (w' - w)
+
+Example (adding 1e-3 to 1.0 in bfloat16 -- nearest stalls, Kahan does not)::
+
+    >>> import torch
+    >>> w = torch.nn.Parameter(torch.ones(1))
+    >>> opt = SGD([w], lr=1e-3, weight_storage="bfloat16", kahan=True)
+    >>> for _ in range(100):
+    ...     w.grad = -torch.ones(1); opt.step()
+    >>> round(w.item(), 3)
+    1.102
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from altgrad.quantization.diagnostics import grid_spacing
+from altgrad.quantization.formats import FloatFormat, get_format
+from altgrad.quantization.ops import quantize
+
+QuantInfo = Callable[[nn.Parameter], "tuple[FloatFormat, torch.Tensor | float] | None"]
+"""``quant_info(param) -> (format, current scale) | None`` (None: the parameter is not quantized)."""
+
+MANIFOLD_MODES = ("ulp_step", "grad_scale")
+STORAGE_ROUNDINGS = ("nearest", "stochastic")
+QUANTIZED_STORAGE = "quantized"
+
+
+def quant_info_from_model(model: nn.Module) -> QuantInfo:
+    """A ``quant_info`` reading every module with ``.weight``, ``.weight_format`` and ``.weight_scale()``.
+
+    The format and scale are read at call time, so format shifts and scale updates are seen.
+    """
+    layers = {
+        id(m.weight): m
+        for m in model.modules()
+        if hasattr(m, "weight_format") and callable(getattr(m, "weight_scale", None))
+        and isinstance(getattr(m, "weight", None), torch.Tensor)
+    }
+
+    def quant_info(param: nn.Parameter) -> tuple[FloatFormat, torch.Tensor | float] | None:
+        layer = layers.get(id(param))
+        if layer is None or layer.weight_format is None:
+            return None
+        return layer.weight_format, layer.weight_scale()
+
+    return quant_info
+
+
+def _format_key(fmt: FloatFormat | str) -> FloatFormat | str:
+    """A format as stored in a param group: its name when ``get_format`` gives it back (state_dict-safe)."""
+    fmt = get_format(fmt)
+    try:
+        return fmt.name if get_format(fmt.name) == fmt else fmt
+    except ValueError:
+        return fmt
+
+
+def _check_scale(scale: Any) -> None:
+    if isinstance(scale, torch.Tensor):
+        if scale.device.type == "cpu" and not bool(((scale > 0) & torch.isfinite(scale)).all()):
+            raise ValueError(f"scale: must be finite and > 0, got {scale}")
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (
+        math.isfinite(scale) and scale > 0
+    ):
+        raise ValueError(f"scale: must be a finite number > 0 or a tensor, got {scale!r}")
+
+
+def _finite_table(fmt: FloatFormat, device: torch.device, _cache: dict = {}) -> torch.Tensor:  # noqa: B006
+    """The format's distinct finite values, sorted ascending, float32 on ``device`` (cached)."""
+    key = (fmt, device)
+    if key not in _cache:
+        values = fmt.values()
+        _cache[key] = torch.unique(values[torch.isfinite(values)]).to(device=device, dtype=torch.float32)
+    return _cache[key]
+
+
+class _GridAwareOptimizer(torch.optim.Optimizer):
+    """Shared plumbing: quant_info / group formats, generators, low-precision storage, the step loop.
+
+    Subclasses implement ``_update(p, grad, group, state, info)`` (in place on ``p``; may return a
+    per-parameter result) and call ``super().__init__`` with their defaults. ``_step_all`` runs, per
+    parameter with a gradient: ``_update``, then ``_after_update`` (storage rounding).
+    """
+
+    supports_storage = True
+
+    def __init__(
+        self,
+        params: Iterable,
+        defaults: dict[str, Any],
+        quant_info: QuantInfo | None,
+        generator: torch.Generator | None,
+        seed: int | None,
+    ) -> None:
+        if quant_info is not None and not callable(quant_info):
+            raise ValueError(f"quant_info: must be callable or None, got {type(quant_info).__name__}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator: must be a torch.Generator or None, got {type(generator).__name__}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed: must be an int or None, got {seed!r}")
+        self.quant_info = quant_info
+        self._seed = seed
+        self._generators: dict[str, torch.Generator] = {}
+        if generator is not None:
+            self._generators[str(torch.device(generator.device))] = generator
+        defaults = {"format": None, "scale": None, **defaults}
+        super().__init__(params, defaults)
+
+    # ---- groups ------------------------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for key in [k for k in ("format", "weight_storage") if param_group.get(k) is not None]:
+            value = param_group[key]
+            if key == "weight_storage" and value == QUANTIZED_STORAGE:
+                continue
+            param_group[key] = _format_key(value)
+        if param_group.get("scale") is not None:
+            _check_scale(param_group["scale"])
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._check_group(group)
+        if group.get("weight_storage") is not None and not self.supports_storage:
+            raise ValueError(f"weight_storage: {type(self).__name__} keeps its weights on the grid already; "
+                             "use it without weight_storage")
+        if group.get("weight_storage") is None and (group.get("kahan") or
+                                                    group.get("storage_rounding", "nearest") != "nearest"):
+            raise ValueError("kahan / storage_rounding: need weight_storage (a format name or 'quantized')")
+        if group.get("storage_rounding", "nearest") not in STORAGE_ROUNDINGS:
+            bad = group["storage_rounding"]
+            raise ValueError(f"storage_rounding: {bad!r} is not one of {STORAGE_ROUNDINGS}")
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        lr, wd = group["lr"], group.get("weight_decay", 0.0)
+        if isinstance(lr, torch.Tensor) or not (isinstance(lr, (int, float)) and lr >= 0):
+            raise ValueError(f"lr: must be a number >= 0, got {lr!r}")
+        if not (isinstance(wd, (int, float)) and wd >= 0):
+            raise ValueError(f"weight_decay: must be a number >= 0, got {wd!r}")
+
+    def _quant(self, group: dict[str, Any], p: torch.Tensor) -> tuple[FloatFormat, Any] | None:
+        """(format, scale) of ``p``: the group's ``format``/``scale`` if set, else quant_info's, else None."""
+        if group["format"] is not None:
+            fmt, scale = get_format(group["format"]), group["scale"] if group["scale"] is not None else 1.0
+        elif self.quant_info is not None:
+            info = self.quant_info(p)
+            if info is None:
+                return None
+            fmt, scale = get_format(info[0]), info[1]
+        else:
+            return None
+        if isinstance(scale, torch.Tensor):
+            scale = scale.detach().to(device=p.device, dtype=torch.float32, non_blocking=True)
+        return fmt, scale
+
+    def quantization_of(self, p: torch.Tensor) -> tuple[FloatFormat, Any] | None:
+        """``(format, scale)`` this optimizer uses for ``p`` (group setting, else quant_info), or None."""
+        for group in self.param_groups:
+            if any(p is q for q in group["params"]):
+                return self._quant(group, p)
+        raise ValueError("p: not a parameter of this optimizer")
+
+    # ---- random numbers ------------------------------------------------------------------------------------
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        """The generator for ``device``: the one given, else one seeded with ``seed``, else None (global)."""
+        key = str(device)
+        if key not in self._generators and self._seed is not None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self._seed)
+            self._generators[key] = gen
+        return self._generators.get(key)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["generators"] = {key: gen.get_state() for key, gen in self._generators.items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        generators = state_dict.pop("generators", {})
+        super().load_state_dict(state_dict)
+        for key, gen_state in generators.items():
+            if key not in self._generators:
+                self._generators[key] = torch.Generator(device=key)
+            self._generators[key].set_state(gen_state)
+
+    # ---- the step ----------------------------------------------------------------------------------------
+
+    def _storage(self, group: dict[str, Any], p: torch.Tensor, info) -> tuple[FloatFormat, Any] | None:
+        storage = group.get("weight_storage")
+        if storage is None:
+            return None
+        if storage == QUANTIZED_STORAGE:
+            return info  # None (stay fp32) for a parameter that is not quantized
+        return get_format(storage), 1.0
+
+    def _needs_old(self, group: dict[str, Any]) -> bool:
+        """Whether the update needs the pre-step weights (storage rounding, bit positions)."""
+        return group.get("weight_storage") is not None
+
+    def _after_update(self, p, old, group, state, info, result) -> None:
+        """Round the updated weights into the storage format (optionally Kahan-compensated)."""
+        storage = self._storage(group, p, info)
+        if storage is None:
+            return
+        fmt, scale = storage
+        rounding = group["storage_rounding"]
+        gen = self._generator(p.device) if rounding == "stochastic" else None
+        w = p.detach()
+        if group["kahan"]:
+            comp = state.get("kahan_comp")
+            if comp is None:
+                comp = state["kahan_comp"] = torch.zeros_like(w, dtype=torch.float32)
+            y = (w.float() - old.float()).add_(comp)
+            new = quantize(old.float() + y, fmt, scale, rounding=rounding, generator=gen)
+            comp.copy_(y.sub_(new - old.float()))
+        else:
+            new = quantize(w.float(), fmt, scale, rounding=rounding, generator=gen)
+        w.copy_(new)
+
+    def _update(self, p, grad, group, state, info) -> Any:  # pragma: no cover - abstract
+        """Update ``p`` in place; the return value goes to ``_after_update`` and ``_step_all``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _step_all(self) -> list[Any]:
+        results = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError(f"{type(self).__name__} does not support sparse gradients")
+                state = self.state[p]
+                info = self._quant(group, p)
+                old = p.detach().clone() if self._needs_old(group) else None
+                result = self._update(p, p.grad, group, state, info)
+                self._after_update(p, old, group, state, info, result)
+                results.append(result)
+        return results
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """One update of every parameter with a gradient; returns the closure's loss (or None)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._step_all()
+        return loss
+
+
+def _check_betas(betas: tuple[float, float], eps: float) -> None:
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
+        raise ValueError(f"betas: must be two numbers in [0, 1), got {betas!r}")
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"eps: must be a number > 0, got {eps!r}")
+
+
+class AdamW(_GridAwareOptimizer):
+    """AdamW (``torch.optim.AdamW(foreach=False)`` bit for bit) with optional low-precision storage.
+
+    Args:
+        params: parameters or param groups (groups may set any option below, and ``format``/``scale``).
+        lr, betas, eps, weight_decay: as in torch (decoupled decay ``w <- w (1 - lr wd)``).
+        quant_info: ``param -> (format, scale) | None``; used by ``weight_storage="quantized"``.
+        weight_storage: None (fp32 master weights), a format or name (weights rounded into it at
+            scale 1 after every step), or ``"quantized"`` (into each weight's own format and scale).
+        storage_rounding: ``"nearest"`` or ``"stochastic"``.
+        kahan: Kahan-compensated summation of the update into the stored weights.
+        generator, seed: the random source for stochastic rounding (default: torch's global RNG).
+
+    >>> import torch
+    >>> w = torch.nn.Parameter(torch.ones(3))
+    >>> opt = AdamW([w], lr=0.1, weight_decay=0.0)
+    >>> w.grad = torch.tensor([1.0, -1.0, 0.0]); _ = opt.step()
+    >>> w.detach()
+    tensor([0.9000, 1.1000, 1.0000])
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        quant_info: QuantInfo | None = None,
+        weight_storage: FloatFormat | str | None = None,
+        storage_rounding: str = "nearest",
+        kahan: bool = False,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+    ) -> None:
+        _check_betas(betas, eps)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        weight_storage=weight_storage, storage_rounding=storage_rounding, kahan=bool(kahan))
+        super().__init__(params, defaults, quant_info, generator, seed)
+
+    def _adam_state(self, p: torch.Tensor, state: dict) -> None:
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _update(self, p, grad, group, state, info) -> None:
+        self._adam_state(p, state)
+        w = p.detach()
+        if group["weight_decay"] != 0:
+            w.mul_(1 - group["lr"] * group["weight_decay"])
+        self._adam_step(w, grad, group, state, spacing=None)
+
+    @staticmethod
+    def _adam_step(w, grad, group, state, spacing) -> None:
+        """Moments, then ``w -= lr m_hat / (sqrt(v_hat) + eps)`` (times ``spacing`` if given)."""
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        step = state["step"]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step_size = group["lr"] / (1 - beta1**step)
+        denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(group["eps"])
+        w.addcdiv_(exp_avg if spacing is None else exp_avg * spacing, denom, value=-step_size)
+
+
+class ManifoldAdamW(AdamW):
+    """AdamW whose step is measured in grid steps (ULPs) of each weight's own quantization format.
+
+    ``mode="ulp_step"`` (default): ``w <- w - lr S(w) m_hat/(sqrt(v_hat)+eps)`` and decay
+    ``w <- w - sign(w) min(|w|, lr wd S(w))``, so lr counts ULPs per step. ``mode="grad_scale"``:
+    AdamW on ``S(w) g`` (lr, decay in weight units). See the module docstring for both, and for how
+    Adam's normalization cancels a constant S in ``grad_scale``. S comes from ``quant_info`` (or the
+    group's ``format``/``scale``) at every step; unquantized parameters get plain AdamW.
+
+    ``track_bit_position=True`` keeps ``state["bit_position"]`` per weight: the cumulative signed
+    number of grid positions moved, ``sum_t (w_t+1 - w_t) / S(w_t)`` (the whole step, decay and
+    storage rounding included, in ULPs at the pre-step weight). It is continuous -- exact code
+    changes are the flip tracker's job -- and counts upward moves as positive.
+
+    >>> import torch
+    >>> from altgrad.quantization import E4M3
+    >>> w = torch.nn.Parameter(torch.tensor([1.0, 3.0]))
+    >>> opt = ManifoldAdamW([{"params": [w], "format": E4M3}], lr=1.0, weight_decay=0.0)
+    >>> w.grad = torch.tensor([1.0, 1.0]); _ = opt.step()      # S = 2^-3 at 1.0, 2^-2 at 3.0
+    >>> w.detach()
+    tensor([0.8750, 2.7500])
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        mode: str = "ulp_step",
+        track_bit_position: bool = False,
+        quant_info: QuantInfo | None = None,
+        weight_storage: FloatFormat | str | None = None,
+        storage_rounding: str = "nearest",
+        kahan: bool = False,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+    ) -> None:
+        _check_betas(betas, eps)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, mode=mode,
+                        track_bit_position=bool(track_bit_position), weight_storage=weight_storage,
+                        storage_rounding=storage_rounding, kahan=bool(kahan))
+        _GridAwareOptimizer.__init__(self, params, defaults, quant_info, generator, seed)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        if group["mode"] not in MANIFOLD_MODES:
+            raise ValueError(f"mode: {group['mode']!r} is not one of {MANIFOLD_MODES}")
+
+    def _needs_old(self, group: dict[str, Any]) -> bool:
+        return super()._needs_old(group) or group["track_bit_position"]
+
+    def _update(self, p, grad, group, state, info) -> torch.Tensor | None:
+        """The ManifoldAdamW step; returns the pre-step spacing S (for the bit position) or None."""
+        if info is None:
+            return super()._update(p, grad, group, state, info)
+        self._adam_state(p, state)
+        lr, wd = group["lr"], group["weight_decay"]
+        w = p.detach()
+        spacing = grid_spacing(w, *info).to(w.dtype)
+        if group["mode"] == "grad_scale":
+            if wd != 0:
+                w.mul_(1 - lr * wd)
+            self._adam_step(w, grad * spacing, group, state, spacing=None)
+        else:
+            if wd != 0:
+                w.sub_(torch.sign(w) * torch.minimum(w.abs(), spacing * (lr * wd)))
+            self._adam_step(w, grad, group, state, spacing=spacing)
+        return spacing
+
+    def _after_update(self, p, old, group, state, info, result) -> None:
+        super()._after_update(p, old, group, state, info, result)
+        if group["track_bit_position"] and result is not None:
+            if "bit_position" not in state:
+                state["bit_position"] = torch.zeros_like(p, dtype=torch.float32)
+            state["bit_position"].add_((p.detach().float() - old.float()) / result.float())
+
+
+class SGD(_GridAwareOptimizer):
+    """SGD with momentum (``torch.optim.SGD`` semantics, no dampening) and optional low-precision storage.
+
+    ``d = g + wd w``; ``b <- momentum b + d`` (``b = d`` at the first step); ``w <- w - lr b`` (or
+    ``w - lr (d + momentum b)`` with ``nesterov``). Storage options as in ``AdamW``.
+
+    >>> import torch
+    >>> w = torch.nn.Parameter(torch.ones(1))
+    >>> opt = SGD([w], lr=0.5)
+    >>> w.grad = torch.ones(1); _ = opt.step()
+    >>> w.detach()
+    tensor([0.5000])
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        quant_info: QuantInfo | None = None,
+        weight_storage: FloatFormat | str | None = None,
+        storage_rounding: str = "nearest",
+        kahan: bool = False,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+    ) -> None:
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=bool(nesterov),
+                        weight_storage=weight_storage, storage_rounding=storage_rounding, kahan=bool(kahan))
+        super().__init__(params, defaults, quant_info, generator, seed)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        if not (isinstance(group["momentum"], (int, float)) and 0 <= group["momentum"] < 1):
+            raise ValueError(f"momentum: must be in [0, 1), got {group['momentum']!r}")
+        if group["nesterov"] and group["momentum"] == 0:
+            raise ValueError("nesterov: needs momentum > 0")
+
+    def _update(self, p, grad, group, state, info) -> None:
+        w = p.detach()
+        d = grad.add(w, alpha=group["weight_decay"]) if group["weight_decay"] != 0 else grad
+        momentum = group["momentum"]
+        if momentum != 0:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = torch.clone(d).detach()
+            else:
+                buf.mul_(momentum).add_(d)
+            d = d.add(buf, alpha=momentum) if group["nesterov"] else buf
+        w.add_(d, alpha=-group["lr"])
+
+
+class GridOptim(_GridAwareOptimizer):
+    """Momentum SGD on the format's grid: the weight walks an integer number of representable values.
+
+    Per quantized weight (``S`` the grid spacing at the pre-step weight, ``T`` the sorted distinct
+    finite values of ``format.values()``, ``s`` the scale)::
+
+        v  <- clamp(momentum v + lr (g + wd w) / S, -rung_clip, rung_clip)     (state "velocity", rungs)
+        k   = floor(v) + [u < v - floor(v)],   u ~ U[0, 1) from the generator   (stochastic rounding)
+        i   = searchsorted(T, Q_nearest(w / s))                                  (current index)
+        w  <- T[clamp(i - k, 0, len(T) - 1)] * s                                 (descent, projected)
+
+    so ``lr = 1`` gives exactly ``v = momentum v + g / S``; a NaN weight stays NaN. Parameters
+    without a format get momentum SGD ``b <- momentum b + g + wd w; w <- w - fallback_lr b``
+    (``fallback_lr`` defaults to lr).
+
+    ``step()`` returns ``{"loss": closure loss or None, "flips": n, "updates": m}``: ``flips`` the
+    number of quantized weights whose grid index (hence code) changed, ``updates`` the number with a
+    non-zero gradient, both 0-dim int64 tensors on the first parameter's device (no host sync).
+    Cumulative per-parameter counts are kept in ``state["flips"]`` / ``state["updates"]`` (float32
+    0-dim tensors, so ``load_state_dict``'s dtype casting keeps them exact below 2^24).
+
+    >>> import torch
+    >>> from altgrad.quantization import E0M7
+    >>> w = torch.nn.Parameter(torch.tensor([0.5, 0.5]))
+    >>> opt = GridOptim([{"params": [w], "format": E0M7}], lr=1.0, momentum=0.0)
+    >>> w.grad = torch.tensor([2 / 128, -3 / 128]); out = opt.step()   # S = 1/128: k = 2 and -3
+    >>> (w.detach() * 128).tolist(), int(out["flips"])
+    ([62.0, 67.0], 2)
+    """
+
+    supports_storage = False
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1.0,
+        momentum: float = 0.9,
+        rung_clip: float = 4.0,
+        weight_decay: float = 0.0,
+        *,
+        fallback_lr: float | None = None,
+        quant_info: QuantInfo | None = None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+    ) -> None:
+        defaults = dict(lr=lr, momentum=momentum, rung_clip=rung_clip, weight_decay=weight_decay,
+                        fallback_lr=fallback_lr)
+        super().__init__(params, defaults, quant_info, generator, seed)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        if not (isinstance(group["momentum"], (int, float)) and 0 <= group["momentum"] < 1):
+            raise ValueError(f"momentum: must be in [0, 1), got {group['momentum']!r}")
+        clip = group["rung_clip"]
+        if not (isinstance(clip, (int, float)) and clip > 0):
+            raise ValueError(f"rung_clip: must be a number > 0, got {clip!r}")
+        if group["fallback_lr"] is not None and not group["fallback_lr"] >= 0:
+            raise ValueError(f"fallback_lr: must be >= 0 or None, got {group['fallback_lr']!r}")
+
+    def _update(self, p, grad, group, state, info) -> tuple[torch.Tensor, torch.Tensor] | None:
+        w = p.detach()
+        g = grad.add(w, alpha=group["weight_decay"]) if group["weight_decay"] != 0 else grad
+        if info is None:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = torch.zeros_like(w)
+            buf.mul_(group["momentum"]).add_(g)
+            lr = group["fallback_lr"] if group["fallback_lr"] is not None else group["lr"]
+            w.add_(buf, alpha=-lr)
+            return None
+        fmt, scale = info
+        if "velocity" not in state:
+            state["velocity"] = torch.zeros_like(w, dtype=torch.float32)
+            state["flips"] = torch.zeros((), dtype=torch.float32, device=w.device)
+            state["updates"] = torch.zeros((), dtype=torch.float32, device=w.device)
+        w32 = w.float()
+        spacing = grid_spacing(w32, fmt, scale)
+        velocity = state["velocity"]
+        velocity.mul_(group["momentum"]).add_(g.float() / spacing, alpha=group["lr"])
+        velocity.clamp_(-group["rung_clip"], group["rung_clip"])
+        floor = torch.floor(velocity)
+        draw = torch.rand(velocity.shape, generator=self._generator(w.device), device=w.device)
+        rungs = (floor + (draw < velocity - floor)).to(torch.int64)
+        table = _finite_table(fmt, w.device)
+        unscaled = w32 / scale if not (isinstance(scale, float) and scale == 1.0) else w32
+        index = torch.searchsorted(table, quantize(unscaled, fmt))
+        new_index = (index - rungs).clamp_(0, table.numel() - 1)
+        new = table[new_index] * scale
+        new = torch.where(torch.isnan(w32), w32, new)
+        w.copy_(new)
+        flips = (new_index != index).sum()
+        updates = (grad != 0).sum()
+        state["flips"].add_(flips)
+        state["updates"].add_(updates)
+        return flips, updates
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> dict[str, Any]:  # type: ignore[override]
+        """One grid step; returns ``{"loss", "flips", "updates"}`` (counts as 0-dim int64 tensors)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        counts = [r for r in self._step_all() if r is not None]
+        device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+        flips = torch.zeros((), dtype=torch.int64, device=device)
+        updates = torch.zeros((), dtype=torch.int64, device=device)
+        for f, u in counts:
+            flips += f.to(device, non_blocking=True)
+            updates += u.to(device, non_blocking=True)
+        return {"loss": loss, "flips": flips, "updates": updates}
+
+
+# ---- the factory the trainer calls ----------------------------------------------------------------------
+
+OPTIMIZERS = ("adamw", "manifold_adamw", "grid", "sgd")
+_OPTIONS = ("momentum", "nesterov", "mode", "track_bit_position", "rung_clip", "fallback_lr",
+            "weight_storage", "storage_rounding", "kahan", "generator", "seed")  # fmt: skip
+
+
+def build_optimizer(
+    name: str,
+    params_or_groups: Iterable,
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    quant_info: QuantInfo | None = None,
+    **options: Any,
+) -> torch.optim.Optimizer:
+    """Build the optimizer ``name`` (one of ``OPTIMIZERS``) from the run config's values.
+
+    ``options`` (any subset): ``momentum`` (sgd, grid; default 0.9), ``nesterov`` (sgd), ``mode`` and
+    ``track_bit_position`` (manifold_adamw), ``rung_clip`` and ``fallback_lr`` (grid),
+    ``weight_storage`` / ``storage_rounding`` / ``kahan`` (adamw, manifold_adamw, sgd), ``generator``
+    and ``seed`` (all). Options that do not apply to ``name`` are ignored, so a trainer can pass its
+    whole optimizer config -- except a ``weight_storage`` for ``grid`` (which stores on the grid
+    already), which raises. ``betas``/``eps`` are ignored by sgd and grid. An unknown name or option
+    raises ``ValueError`` listing the allowed ones.
+
+    >>> import torch
+    >>> build_optimizer("manifold_adamw", [torch.nn.Parameter(torch.ones(2))], lr=0.5, mode="grad_scale")
+    ManifoldAdamW (...
+    """
+    if not isinstance(name, str) or name.lower() not in OPTIMIZERS:
+        raise ValueError(f"optimizer name: {name!r} is not one of {', '.join(OPTIMIZERS)}")
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise ValueError(f"optimizer options: unknown {unknown}; allowed: {', '.join(_OPTIONS)}")
+    name = name.lower()
+    common = {"quant_info": quant_info, "generator": options.get("generator"), "seed": options.get("seed")}
+    storage = {k: options[k] for k in ("weight_storage", "storage_rounding", "kahan") if k in options}
+    if name == "adamw":
+        return AdamW(params_or_groups, lr, betas, eps, weight_decay, **storage, **common)
+    if name == "manifold_adamw":
+        extra = {k: options[k] for k in ("mode", "track_bit_position") if k in options}
+        return ManifoldAdamW(params_or_groups, lr, betas, eps, weight_decay, **extra, **storage, **common)
+    if name == "sgd":
+        return SGD(params_or_groups, lr, options.get("momentum", 0.9), weight_decay,
+                   options.get("nesterov", False), **storage, **common)  # fmt: skip
+    if storage.get("weight_storage") is not None:
+        raise ValueError("weight_storage: the grid optimizer keeps its weights on the grid already; "
+                         "set weight_storage only for adamw, manifold_adamw or sgd")
+    return GridOptim(params_or_groups, lr, options.get("momentum", 0.9), options.get("rung_clip", 4.0),
+                     weight_decay, fallback_lr=options.get("fallback_lr"), **common)  # fmt: skip

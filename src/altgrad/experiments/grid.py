@@ -1,0 +1,354 @@
+"""Experiment grids: a YAML file of axes expanded into named, validated run configs ("cells").
+
+A grid file::
+
+    name: quick                       # the matrix folder name (default: the file's stem)
+    out_dir: runs                     # cells run in <out_dir>/<name>/<cell> (default: the base's out_dir)
+    base: ../configs/small.yaml       # a run config file (relative to this file) or an inline mapping
+    axes:                             # config key path -> values; the cells are their cartesian product
+      quant.weight,quant.activation: [E4M3, E3M4, E1M6, E0M7]   # "a,b": one axis setting both keys
+      optimizer.name: [adamw, manifold_adamw]
+      quant.rules:                    # compound values (lists, mappings) need a label
+        - {label: uniform, value: []}
+        - {label: mixed, value: [{pattern: "*.mlp.*", weight: E3M4, activation: E3M4}]}
+      seed: [0, 1]
+    exclude:                          # drop the product cells that match every key of an entry
+      - {optimizer.name: manifold_adamw, quant.rules: mixed}
+    include:                          # extra cells (keys not given keep the base value)
+      - {quant.weight: E5M2, optimizer.name: grid}
+    baselines:                        # crossed with the seed axis only
+      fp32: {train.precision: fp32, quant.enabled: false}
+      bf16: {train.precision: bf16, quant.enabled: false}
+
+A value is set at its key path in the base config; a mapping value is merged into the mapping already
+there, anything else (a list included) replaces it. Exclude entries name compound values by label.
+Every cell runs with ``logging.progress`` off (the matrix shows one bar over cells).
+
+Cell names join one short token per axis in axis order: strings as they are, numbers prefixed by the
+key's last part (``seed`` -> ``s0``, ``train.lr`` -> ``lr0.001``), compound values by label, all
+sanitized to ``[A-Za-z0-9_.-]``: ``E4M3-adamw-uniform-s0``; a baseline is ``fp32-s0``.
+
+Equivalent cells: a format whose finite values are a uniform grid (E0M7, E1M6 of any bias) is the
+same grid as any other uniform format with as many levels, up to a power-of-two factor. Every scaling
+mode picks the scale from the tensor's amax relative to the format's range (per tensor, per output
+channel, or per MX block as ``2^(floor(log2 amax) - emax)``), so the scale absorbs that factor
+exactly and the quantized tensors, grid steps and codes coincide bit for bit. Two cells whose
+configs agree once every format is replaced by its grid (uniform grids by their level count, other
+formats by their fields, so ``float8_e4m3fn`` equals ``E4M3``) must give the same results: the later
+one (E0M7 cells after E1M6 cells) gets ``equivalent_to`` naming the first.
+
+Example::
+
+    >>> grid = load_grid("experiments/quick.yaml")
+    >>> [cell.name for cell in grid.cells][:2]
+    ['E5M2-adamw-s0', 'E5M2-manifold_adamw-s0']
+    >>> grid.cells[0].config.run_dir
+    PosixPath('runs/quick/E5M2-adamw-s0')
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from altgrad.quantization.formats import get_format
+from altgrad.training.config import ConfigError, RunConfig, config_from_dict
+
+GRID_KEYS = ("name", "out_dir", "base", "axes", "include", "exclude", "baselines")
+RESERVED_KEYS = ("name", "out_dir")  # set per cell by the grid
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+class GridError(ConfigError):
+    """A problem in a grid file; the message names the grid, the cell or entry, and the key."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the matrix: its name, what the grid set, and the validated config."""
+
+    name: str
+    assignment: dict[str, Any]  # key path -> value (the label for compound values)
+    config: RunConfig
+    baseline: str | None = None
+    equivalent_to: str | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.config.run_dir
+
+
+@dataclass(frozen=True)
+class Grid:
+    """An expanded grid: the cells in order, the axes (key path -> values as in assignments), the base."""
+
+    name: str
+    matrix_dir: Path
+    axes: dict[str, list[Any]]
+    base: RunConfig
+    cells: list[Cell]
+
+
+@dataclass(frozen=True)
+class _Value:
+    """An axis value: what is written into the config, and how it appears in names and assignments."""
+
+    value: Any
+    label: Any
+
+
+def _parse_value(raw: Any, where: str) -> _Value:
+    if isinstance(raw, dict):
+        if set(raw) != {"label", "value"} or not isinstance(raw["label"], str):
+            raise GridError(
+                f"{where}: a mapping value must be {{label: <name>, value: <setting>}}; got {raw!r}"
+            )
+        return _Value(raw["value"], raw["label"])
+    if isinstance(raw, list):
+        raise GridError(f"{where}: a list value needs a label: {{label: <name>, value: {raw!r}}}")
+    return _Value(raw, raw)
+
+
+def _split_key(key: str) -> list[str]:
+    """``"quant.weight,quant.activation"`` -> both key paths (one axis setting several keys)."""
+    parts = [part.strip() for part in str(key).split(",")]
+    for part in parts:
+        if not part or part.split(".")[0] in RESERVED_KEYS:
+            raise GridError(
+                f"key {key!r}: {part!r} is not settable here (cell names and out_dir come from the grid)"
+            )
+    return parts
+
+
+def _set(data: dict[str, Any], key: str, value: Any) -> None:
+    *sections, last = key.split(".")
+    node = data
+    for part in sections:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise GridError(f"key {key!r}: '{part}' is not a section")
+        node = child
+    if isinstance(value, dict) and isinstance(node.get(last), dict):
+        node[last] = {**node[last], **copy.deepcopy(value)}
+    else:
+        node[last] = copy.deepcopy(value)
+
+
+def _token(key: str, label: Any) -> str:
+    """A value's part of a cell name: ``E4M3``; seed 0 -> ``s0``; quant.enabled False -> ``enabled_false``."""
+    short = "s" if key == "seed" else key.rsplit(".", 1)[-1]
+    if isinstance(label, str):
+        text = label
+    elif isinstance(label, bool) or label is None:
+        text = f"{short}_{json.dumps(label)}"
+    else:
+        text = f"{short}{label}"
+    return _UNSAFE.sub("_", text).strip("_") or "_"
+
+
+@functools.cache
+def _grid_of(name: str | None) -> Any:
+    """What a format means on the grid, up to scale: uniform grids by level count, others by fields."""
+    if name is None or name == "unset" or name.strip().lower() in ("none", "fp32", ""):
+        return name
+    fmt = get_format(name)
+    values = fmt.values()
+    magnitudes = torch.unique(values[torch.isfinite(values)].abs())
+    steps = magnitudes.diff()
+    if magnitudes[0] == 0 and len(steps) and bool((steps == steps[0]).all()):
+        return ("uniform", len(magnitudes), fmt.signed)
+    return (fmt.exponent_bits, fmt.mantissa_bits, fmt.bias, fmt.specials, fmt.subnormals, fmt.signed)
+
+
+def _quant_formats(config: RunConfig) -> list[str | None]:
+    quant = config.quant
+    return [quant.weight, quant.activation, quant.grad] + [
+        getattr(rule, kind) for rule in quant.rules for kind in ("weight", "activation", "grad")
+    ]
+
+
+def _equivalence_key(config: RunConfig) -> str:
+    data = config.to_dict()
+    del data["name"]
+    quant = data["quant"]
+    if not quant["enabled"]:
+        data["quant"] = {"enabled": False}
+    else:
+        for kind in ("weight", "activation", "grad"):
+            quant[kind] = _grid_of(quant[kind])
+            for rule in quant["rules"]:
+                rule[kind] = _grid_of(rule[kind])
+    return repr(data)
+
+
+def _mark_equivalent(cells: list[Cell]) -> list[Cell]:
+    """Point each cell whose results must equal an earlier-ranked cell's at that cell."""
+
+    def e0_count(cell: Cell) -> int:
+        names = [name for name in _quant_formats(cell.config) if name not in (None, "none", "unset")]
+        return sum(get_format(name).exponent_bits == 0 for name in names)
+
+    ranked = sorted(range(len(cells)), key=lambda i: (e0_count(cells[i]), i))
+    first: dict[str, str] = {}
+    marked = list(cells)
+    for i in ranked:
+        key = _equivalence_key(cells[i].config)
+        if key in first:
+            marked[i] = dataclasses.replace(cells[i], equivalent_to=first[key])
+        else:
+            first[key] = cells[i].name
+    return marked
+
+
+def _read_base(raw: Any, root: Path) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if isinstance(raw, str):
+        path = root / raw
+        if not path.is_file():
+            raise GridError(f"base: run config file not found: {path}")
+        raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise GridError("base: expected a run config mapping or the path to a run config YAML file")
+    return raw
+
+
+def _entries(spec: dict[str, Any], field: str) -> list[dict[str, _Value]]:
+    raw = spec.get(field) or []
+    if not isinstance(raw, list) or not all(isinstance(entry, dict) and entry for entry in raw):
+        raise GridError(f"{field}: expected a list of non-empty mappings of key path -> value")
+    return [{key: _parse_value(value, f"{field}[{i}].{key}") for key, value in entry.items()}
+            for i, entry in enumerate(raw)]  # fmt: skip
+
+
+def expand_grid(spec: dict[str, Any], root: Path = Path("."), default_name: str = "matrix") -> Grid:
+    """Expand a parsed grid mapping (paths relative to ``root``) into validated cells."""
+    if not isinstance(spec, dict):
+        raise GridError("the top level must be a mapping with keys: " + ", ".join(GRID_KEYS))
+    unknown = sorted(set(spec) - set(GRID_KEYS))
+    if unknown:
+        raise GridError(f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(GRID_KEYS)}")
+    base = _read_base(spec.get("base"), root)
+    name = _UNSAFE.sub("_", str(spec.get("name") or default_name))
+    out_dir = spec.get("out_dir") or base.get("out_dir", "runs")
+    matrix_dir = Path(out_dir) / name
+
+    raw_axes = spec.get("axes") or {}
+    if not isinstance(raw_axes, dict):
+        raise GridError("axes: expected a mapping of key path -> list of values")
+    axes: dict[str, list[_Value]] = {}
+    for key, values in raw_axes.items():
+        _split_key(key)
+        if not isinstance(values, list) or not values:
+            raise GridError(f"axes.{key}: expected a non-empty list of values")
+        parsed = [_parse_value(v, f"axes.{key}[{i}]") for i, v in enumerate(values)]
+        labels = [repr(v.label) for v in parsed]
+        if len(set(labels)) != len(labels):
+            raise GridError(f"axes.{key}: a value (or label) is listed twice: {values!r}")
+        axes[str(key)] = parsed
+
+    def resolve(settings: dict[str, _Value], cell_name: str) -> tuple[RunConfig, dict[str, Any]]:
+        data = copy.deepcopy(base)
+        assignment: dict[str, Any] = {}
+        for key, value in settings.items():
+            for part in _split_key(key):
+                _set(data, part, value.value)
+                assignment[part] = value.label
+        data.update(name=cell_name, out_dir=str(matrix_dir))
+        _set(data, "logging.progress", False)
+        return config_from_dict(data), assignment
+
+    def make_cell(settings: dict[str, _Value], tokens: list[str], baseline: str | None = None) -> Cell:
+        cell_name = "-".join(tokens) or "base"
+        try:
+            config, assignment = resolve(settings, cell_name)
+        except ConfigError as error:
+            where = " ".join(f"{k}={v.label}" for k, v in settings.items())
+            raise GridError(f"cell {cell_name!r} ({where}): {error}") from None
+        return Cell(cell_name, assignment, config, baseline)
+
+    try:
+        resolved_base = resolve({}, name)[0]
+    except ConfigError as error:
+        raise GridError(f"base: {error}") from None
+
+    exclude = _entries(spec, "exclude")
+    for i, entry in enumerate(exclude):
+        for key, value in entry.items():
+            if key not in axes:
+                raise GridError(f"exclude[{i}]: {key!r} is not an axis; axes: {', '.join(axes)}")
+            if value.label not in [v.label for v in axes[key]]:
+                raise GridError(f"exclude[{i}].{key}: {value.label!r} is not one of the axis values")
+
+    cells = []
+    for combination in itertools.product(*axes.values()):
+        settings = dict(zip(axes, combination, strict=True))
+        if any(all(settings[k].label == v.label for k, v in entry.items()) for entry in exclude):
+            continue
+        cells.append(make_cell(settings, [_token(_split_key(k)[0], v.label) for k, v in settings.items()]))
+
+    seen = {_without_name(cell.config) for cell in cells}
+    for entry in _entries(spec, "include"):
+        ordered = {k: entry[k] for k in axes if k in entry} | entry
+        cell = make_cell(ordered, [_token(_split_key(k)[0], v.label) for k, v in ordered.items()])
+        if _without_name(cell.config) not in seen:
+            seen.add(_without_name(cell.config))
+            cells.append(cell)
+
+    baselines = spec.get("baselines") or {}
+    if not isinstance(baselines, dict) or not all(isinstance(v, dict) for v in baselines.values()):
+        raise GridError("baselines: expected a mapping of baseline name -> {key path: value}")
+    seeds = axes.get("seed", [None])
+    for label, overrides in baselines.items():
+        settings = {k: _parse_value(v, f"baselines.{label}.{k}") for k, v in overrides.items()}
+        for seed in seeds:
+            extra = {"seed": seed} if seed is not None else {}
+            tokens = [_token("baseline", str(label))] + ([_token("seed", seed.label)] if extra else [])
+            cells.append(make_cell(settings | extra, tokens, baseline=str(label)))
+
+    names: dict[str, Cell] = {}
+    for cell in cells:
+        if cell.name in names:
+            first = format_assignment(names[cell.name].assignment)
+            raise GridError(
+                f"cells {first} and {format_assignment(cell.assignment)} are both named {cell.name!r}; "
+                "give their values distinct labels"
+            )
+        names[cell.name] = cell
+
+    axis_labels = {part: [v.label for v in vals] for key, vals in axes.items() for part in _split_key(key)}
+    return Grid(name, matrix_dir, axis_labels, resolved_base, _mark_equivalent(cells))
+
+
+def _without_name(config: RunConfig) -> str:
+    data = config.to_dict()
+    del data["name"]
+    return repr(data)
+
+
+def format_assignment(assignment: dict[str, Any]) -> str:
+    """``{"quant.weight": "E4M3", "quant.enabled": False}`` -> ``"quant.weight=E4M3 quant.enabled=false"``."""
+    return (
+        " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in assignment.items()) or "base"
+    )
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read a grid YAML file and expand it (every cell validated before anything runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"grid file not found: {path}")
+    try:
+        return expand_grid(yaml.safe_load(path.read_text()) or {}, path.parent, path.stem)
+    except GridError as error:
+        raise GridError(f"grid {path}: {error}") from None

@@ -1,0 +1,239 @@
+"""Run an experiment grid: one run folder per cell, resumable, failures recorded, optionally parallel.
+
+For each cell of the grid, in order:
+
+* ``summary.json`` says ``completed`` or ``nan_stop``: finished (a NaN stop is a result), skipped;
+* a checkpoint but no finished summary: interrupted (or failed), resumed from the checkpoint;
+* nothing yet: trained from scratch;
+* a run folder made by a different config (the grid changed): failed, naming the keys that differ.
+
+A cell that raises is recorded as ``failed`` with its error and the others go on. ``matrix.json`` in
+the matrix folder is rewritten atomically (temp file + rename) at every change::
+
+    {"cells": [{"name": "E4M3-adamw-s0", "assignment": {"quant.weight": "E4M3", "seed": 0, ...},
+                "baseline": null, "status": "completed", "error": null, "equivalent_to": null}, ...],
+     "axes": {"quant.weight": ["E5M2", "E4M3"], ...}, "base": {...the resolved base config...}}
+
+``status`` is ``pending``, ``running``, ``completed`` (the run's own summary.json tells completed from
+nan_stop) or ``failed``. ``jobs > 1`` runs cells in that many spawned processes, each with
+``torch.set_num_threads(max(1, cores // jobs))``; ``run_cell`` must then be a module-level function.
+
+Example::
+
+    >>> result = run_matrix("experiments/quick.yaml", jobs=2)
+    >>> result.completed, result.failed, result.skipped
+    (13, 0, 0)
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import tempfile
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm.auto import tqdm
+
+from altgrad.training.checkpoint import latest_checkpoint
+from altgrad.training.config import ConfigError, config_from_dict
+
+from .grid import Cell, Grid, format_assignment, load_grid
+
+FINISHED = ("completed", "nan_stop")
+RunCell = Callable[[dict[str, Any], bool], dict[str, Any]]
+
+
+@dataclass
+class MatrixResult:
+    """What one ``run_matrix`` call did: cells run to the end now, failed now, finished before."""
+
+    matrix_dir: Path
+    completed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    cells: list[dict[str, Any]] = field(default_factory=list)
+
+
+def train_cell(config: dict[str, Any], resume: bool) -> dict[str, Any]:
+    """The default ``run_cell``: train one cell (or resume it from its checkpoint) with the trainer."""
+    from altgrad.training.trainer import train
+
+    return train(config_from_dict(config), resume=resume)
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    return {
+        k: v for key, value in data.items() for k, v in _flatten(value, f"{prefix}.{key}".lstrip(".")).items()
+    }
+
+
+def plan_cell(cell: Cell) -> tuple[str, str | None]:
+    """``("skip" | "resume" | "run" | "conflict", why)`` for a cell, from what its run folder holds."""
+    run_dir = cell.run_dir
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        try:
+            before = _flatten(config_from_dict(yaml.safe_load(saved.read_text())).to_dict())
+        except (ConfigError, yaml.YAMLError) as error:
+            return "conflict", f"{saved} is not a valid run config ({error}); delete {run_dir} to rerun it"
+        now = _flatten(cell.config.to_dict())
+        changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
+        if changed:
+            return "conflict", (
+                f"{run_dir} holds a run of a different config (differs in {', '.join(changed)}); "
+                "delete the folder to rerun the cell, or give the matrix another name"
+            )
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        try:
+            if json.loads(summary.read_text()).get("status") in FINISHED:
+                return "skip", None
+        except json.JSONDecodeError:
+            pass
+    if latest_checkpoint(run_dir / "checkpoints") is not None:
+        return "resume", None
+    return "run", None
+
+
+def _record(cell: Cell, status: str, error: str | None = None) -> dict[str, Any]:
+    return {"name": cell.name, "assignment": cell.assignment, "baseline": cell.baseline, "status": status,
+            "error": error, "equivalent_to": cell.equivalent_to}  # fmt: skip
+
+
+def write_matrix_json(grid: Grid, records: list[dict[str, Any]]) -> Path:
+    """Write ``<matrix_dir>/matrix.json`` atomically: a reader never sees a half-written file."""
+    grid.matrix_dir.mkdir(parents=True, exist_ok=True)
+    target = grid.matrix_dir / "matrix.json"
+    document = {"cells": records, "axes": grid.axes, "base": grid.base.to_dict()}
+    handle, temporary = tempfile.mkstemp(dir=grid.matrix_dir, prefix=".matrix.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(document, file, indent=2)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def describe_grid(grid: Grid) -> str:
+    """The expanded cells, one a line: name, what would happen, assignment, equivalence."""
+    plans = [plan_cell(cell) for cell in grid.cells]
+    count = {
+        action: sum(plan[0] == action for plan in plans) for action in ("skip", "resume", "run", "conflict")
+    }
+    width = max(len(cell.name) for cell in grid.cells)
+    lines = [
+        f"matrix {grid.matrix_dir}: {len(grid.cells)} cells ({count['skip']} finished, {count['resume']} to "
+        f"resume, {count['run']} to run, {count['conflict']} in conflict)"
+    ]
+    for cell, (action, why) in zip(grid.cells, plans, strict=True):
+        line = f"  {cell.name.ljust(width)}  {action:<8}  "
+        line += f"baseline {cell.baseline}: " if cell.baseline else ""
+        line += format_assignment(cell.assignment)
+        line += f"  [same results as {cell.equivalent_to}]" if cell.equivalent_to else ""
+        lines.append(line + (f"\n      {why}" if why else ""))
+    return "\n".join(lines)
+
+
+def _run_one(run_cell: RunCell, config: dict[str, Any], resume: bool) -> str | None:
+    """Run one cell; None when it finished, else the error as one string."""
+    try:
+        summary = run_cell(config, resume)
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    status = summary.get("status") if isinstance(summary, dict) else None
+    return None if status in FINISHED else f"the run ended with status {status!r}"
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def run_matrix(
+    grid_path: str | Path, jobs: int = 1, dry_run: bool = False, run_cell: RunCell | None = None
+) -> MatrixResult:
+    """Expand the grid and run every unfinished cell; ``dry_run`` prints the cells and runs nothing."""
+    if jobs < 1:
+        raise ValueError(f"jobs: expected a positive number of parallel runs, got {jobs}")
+    grid = load_grid(grid_path)
+    run_cell = run_cell or train_cell
+    result = MatrixResult(grid.matrix_dir)
+    if dry_run:
+        print(describe_grid(grid))
+        result.skipped = sum(plan_cell(cell)[0] == "skip" for cell in grid.cells)
+        return result
+
+    records, todo = [], []
+    for i, cell in enumerate(grid.cells):
+        action, why = plan_cell(cell)
+        status = {"skip": "completed", "conflict": "failed"}.get(action, "pending")
+        records.append(_record(cell, status, why))
+        result.skipped += action == "skip"
+        result.failed += action == "conflict"
+        if action in ("resume", "run"):
+            todo.append((i, action == "resume"))
+    result.cells = records
+    write_matrix_json(grid, records)
+    progress = tqdm(total=len(records), initial=result.skipped + result.failed, desc=grid.name, unit="cell")
+
+    def start(i: int) -> None:
+        records[i] = _record(grid.cells[i], "running")
+        write_matrix_json(grid, records)
+
+    def finish(i: int, error: str | None) -> None:
+        records[i] = _record(grid.cells[i], "failed" if error else "completed", error)
+        write_matrix_json(grid, records)
+        result.completed += error is None
+        result.failed += error is not None
+        if error:
+            progress.write(f"cell {grid.cells[i].name} failed: {error}")
+        progress.update()
+        progress.set_postfix(failed=result.failed)
+
+    try:
+        if jobs == 1:
+            for i, resume in todo:
+                start(i)
+                finish(i, _run_one(run_cell, grid.cells[i].config.to_dict(), resume))
+        else:
+            spawn, threads = multiprocessing.get_context("spawn"), max(1, _cores() // jobs)
+            with ProcessPoolExecutor(
+                jobs, mp_context=spawn, initializer=_init_worker, initargs=(threads,)
+            ) as pool:
+                queue, running = list(reversed(todo)), {}
+                while queue or running:
+                    while queue and len(running) < jobs:
+                        i, resume = queue.pop()
+                        start(i)
+                        running[pool.submit(_run_one, run_cell, grid.cells[i].config.to_dict(), resume)] = i
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        i = running.pop(future)
+                        try:
+                            error = future.result()
+                        except Exception as crash:  # the worker process died (killed, out of memory)
+                            error = f"worker process failed: {type(crash).__name__}: {crash}"
+                        finish(i, error)
+    finally:
+        progress.close()
+        if any(record["status"] == "running" for record in records):  # interrupted: left to resume
+            for i, record in enumerate(records):
+                if record["status"] == "running":
+                    records[i] = _record(grid.cells[i], "pending")
+            write_matrix_json(grid, records)
+    return result

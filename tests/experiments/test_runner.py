@@ -1,0 +1,191 @@
+import argparse
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from altgrad.experiments import runner
+from altgrad.experiments.cli import register
+from altgrad.experiments.runner import run_matrix, write_matrix_json
+
+HERE = Path(__file__).parent
+TINY = {"model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16}, "train": {"max_steps": 5}}
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    """The fake trainer, imported from a module that spawned workers can import too."""
+    monkeypatch.syspath_prepend(str(HERE))
+    import matrix_fakes
+
+    return matrix_fakes
+
+
+def write_grid(tmp_path, **spec):
+    spec = {
+        "name": "m", "out_dir": str(tmp_path / "runs"), "base": TINY,
+        "axes": {"quant.weight,quant.activation": ["E4M3", "E1M6", "E0M7"],
+                 "optimizer.name": ["adamw", "grid"]},
+        "baselines": {"fp32": {"quant.enabled": False}}, **spec,
+    }  # fmt: skip
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def read_matrix(tmp_path):
+    return json.loads((tmp_path / "runs" / "m" / "matrix.json").read_text())
+
+
+def test_dry_run_prints_the_cells_and_runs_nothing(tmp_path, fakes, capsys):
+    result = run_matrix(write_grid(tmp_path), dry_run=True, run_cell=fakes.fake_cell)
+    out = capsys.readouterr().out
+    assert "7 cells (0 finished, 0 to resume, 7 to run, 0 in conflict)" in out
+    assert re.search(r"E0M7-grid +run +quant.weight=E0M7 .*\[same results as E1M6-grid\]", out)
+    assert "baseline fp32: quant.enabled=false" in out
+    assert not (tmp_path / "runs").exists() and result.completed == 0
+
+
+def test_runs_every_cell_and_writes_matrix_json(tmp_path, fakes):
+    result = run_matrix(write_grid(tmp_path), run_cell=fakes.fake_cell)
+    assert (result.completed, result.failed, result.skipped) == (7, 0, 0)
+    matrix = read_matrix(tmp_path)
+    assert set(matrix) == {"cells", "axes", "base"}
+    assert matrix["axes"]["quant.weight"] == ["E4M3", "E1M6", "E0M7"]
+    assert matrix["base"]["model"]["n_embd"] == 32
+    first, e0m7, baseline = matrix["cells"][0], matrix["cells"][4], matrix["cells"][-1]
+    assert first == {
+        "name": "E4M3-adamw",
+        "assignment": {"quant.weight": "E4M3", "quant.activation": "E4M3", "optimizer.name": "adamw"},
+        "baseline": None, "status": "completed", "error": None, "equivalent_to": None,
+    }  # fmt: skip
+    assert e0m7["name"] == "E0M7-adamw" and e0m7["equivalent_to"] == "E1M6-adamw"
+    assert baseline["name"] == "fp32" and baseline["baseline"] == "fp32"
+    assert [call["resume"] for call in fakes.calls(tmp_path / "runs" / "m")] == [False] * 7
+    assert sorted(os.listdir(tmp_path / "runs" / "m"))[:2] == ["E0M7-adamw", "E0M7-grid"]
+
+
+def test_finished_cells_are_skipped_and_interrupted_ones_resumed(tmp_path, fakes):
+    grid = write_grid(tmp_path)
+    run_matrix(grid, run_cell=fakes.fake_cell)
+    matrix_dir = tmp_path / "runs" / "m"
+    (matrix_dir / "calls.jsonl").unlink()
+    (matrix_dir / "E4M3-grid" / "summary.json").write_text(json.dumps({"status": "nan_stop"}))  # finished
+    (matrix_dir / "E1M6-adamw" / "summary.json").unlink()  # interrupted after a checkpoint
+    (matrix_dir / "E1M6-adamw" / "checkpoints").mkdir()
+    (matrix_dir / "E1M6-adamw" / "checkpoints" / "step_3.pt").write_bytes(b"")
+    (matrix_dir / "E1M6-grid" / "summary.json").write_text(json.dumps({"status": "failed"}))  # no checkpoint
+    result = run_matrix(grid, run_cell=fakes.fake_cell)
+    assert (result.completed, result.failed, result.skipped) == (2, 0, 5)
+    assert {c["name"]: c["resume"] for c in fakes.calls(matrix_dir)} == {
+        "E1M6-adamw": True,
+        "E1M6-grid": False,
+    }
+    assert all(cell["status"] == "completed" for cell in read_matrix(tmp_path)["cells"])
+
+
+def test_a_failing_cell_is_recorded_and_the_others_go_on(tmp_path, fakes):
+    grid = write_grid(tmp_path)
+    (tmp_path / "runs" / "m").mkdir(parents=True)
+    (tmp_path / "runs" / "m" / "plan.json").write_text(
+        json.dumps({"E4M3-grid": "raise", "E1M6-adamw": "failed"})
+    )
+    result = run_matrix(grid, run_cell=fakes.fake_cell)
+    assert (result.completed, result.failed) == (5, 2)
+    cells = {cell["name"]: cell for cell in read_matrix(tmp_path)["cells"]}
+    assert cells["E4M3-grid"]["status"] == "failed"
+    assert cells["E4M3-grid"]["error"] == "RuntimeError: synthetic failure in E4M3-grid"
+    assert cells["E1M6-adamw"]["error"] == "the run ended with status 'failed'"
+    assert cells["fp32"]["status"] == "completed" and cells["fp32"]["error"] is None
+
+
+def test_a_run_folder_from_a_different_config_is_not_reused(tmp_path, fakes):
+    grid = write_grid(tmp_path)
+    run_matrix(grid, run_cell=fakes.fake_cell)
+    write_grid(tmp_path, base={**TINY, "train": {"max_steps": 9}})
+    result = run_matrix(grid, run_cell=fakes.fake_cell)
+    assert (result.completed, result.failed, result.skipped) == (0, 7, 0)
+    error = read_matrix(tmp_path)["cells"][0]["error"]
+    assert "holds a run of a different config (differs in train.max_steps)" in error
+
+
+def test_an_interrupted_matrix_leaves_no_cell_running(tmp_path, fakes):
+    grid = write_grid(tmp_path)
+    (tmp_path / "runs" / "m").mkdir(parents=True)
+    (tmp_path / "runs" / "m" / "plan.json").write_text(json.dumps({"E1M6-adamw": "interrupt"}))
+    with pytest.raises(KeyboardInterrupt):
+        run_matrix(grid, run_cell=fakes.fake_cell)
+    statuses = [cell["status"] for cell in read_matrix(tmp_path)["cells"]]
+    assert statuses == ["completed", "completed", "pending", "pending", "pending", "pending", "pending"]
+
+
+def test_matrix_json_is_replaced_atomically(tmp_path, monkeypatch):
+    from altgrad.experiments.grid import load_grid
+
+    grid = load_grid(write_grid(tmp_path))
+    path = write_matrix_json(grid, [])
+    before = path.read_text()
+
+    def broken_dump(document, file, **kwargs):
+        file.write('{"cells": [')
+        raise OSError("disk full")
+
+    monkeypatch.setattr(runner.json, "dump", broken_dump)
+    with pytest.raises(OSError, match="disk full"):
+        write_matrix_json(grid, [{"name": "x"}])
+    assert path.read_text() == before
+    assert os.listdir(path.parent) == ["matrix.json"]  # no temporary file left behind
+
+
+def test_parallel_jobs_run_cells_in_spawned_processes(tmp_path, fakes):
+    result = run_matrix(write_grid(tmp_path), jobs=2, run_cell=fakes.fake_cell)
+    assert (result.completed, result.failed) == (7, 0)
+    calls = fakes.calls(tmp_path / "runs" / "m")
+    assert len(calls) == 7 and os.getpid() not in {call["pid"] for call in calls}
+    assert {call["threads"] for call in calls} == {max(1, runner._cores() // 2)}
+    assert all(cell["status"] == "completed" for cell in read_matrix(tmp_path)["cells"])
+
+
+def test_cli_runs_the_grid_and_points_at_the_report(tmp_path, fakes, monkeypatch, capsys):
+    monkeypatch.setattr(runner, "train_cell", fakes.fake_cell)
+    parser = argparse.ArgumentParser(prog="altgrad")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["matrix", str(write_grid(tmp_path))])
+    assert args.handler(args) == 0
+    out = capsys.readouterr().out
+    matrix_dir = tmp_path / "runs" / "m"
+    assert f"matrix folder: {matrix_dir}  (7 completed, 0 failed, 0 already finished" in out
+    assert f"altgrad report {matrix_dir}" in out
+
+
+def test_end_to_end_tiny_grid_with_the_real_trainer(tmp_path, monkeypatch):
+    try:
+        from altgrad.training.trainer import train  # noqa: F401
+    except ImportError as error:
+        pytest.skip(f"the trainer does not import yet ({error})")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    base = {
+        "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16},
+        "train": {"max_steps": 6, "batch_size": 4, "warmup_steps": 2, "eval_interval": 3, "eval_batches": 2},
+        "diagnostics": {"rank_interval": 3, "grad_stats_interval": 2, "quant_stats_interval": 2,
+                        "optimizer_stats_interval": 3},
+        "checkpoint": {"interval": 3, "keep": 1},
+    }  # fmt: skip
+    axes = {"quant.weight,quant.activation": ["E4M3", "E3M4"], "optimizer.name": ["adamw", "manifold_adamw"]}
+    grid = write_grid(tmp_path, base=base, axes=axes, baselines={})
+    result = run_matrix(grid)
+    assert (result.completed, result.failed, result.skipped) == (4, 0, 0), read_matrix(tmp_path)
+    for cell in read_matrix(tmp_path)["cells"]:
+        run_dir = tmp_path / "runs" / "m" / cell["name"]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["steps"] == 6
+        assert (run_dir / "metrics.jsonl").is_file() and (run_dir / "config.yaml").is_file()
+    (
+        tmp_path / "runs" / "m" / "E3M4-adamw" / "summary.json"
+    ).unlink()  # as if killed after the last checkpoint
+    result = run_matrix(grid)
+    assert (result.completed, result.failed, result.skipped) == (1, 0, 3)
+    assert json.loads((tmp_path / "runs" / "m" / "E3M4-adamw" / "summary.json").read_text())["steps"] == 6

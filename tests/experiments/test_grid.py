@@ -115,6 +115,7 @@ def test_names_are_stable_readable_sanitized_and_unique():
             "cell 'fp32' (train.precision=fp8): config key",
         ),
         ({"base": {"train": {"lrr": 1}}}, "base: config key 'train.lrr': unknown key"),
+        ({"axes": {"seed": [0]}, "exclude": [{"seed": 0}]}, "the grid has no cells"),
     ],
 )
 def test_validation_errors_name_the_cell_and_the_key(spec, message):
@@ -152,6 +153,12 @@ def test_uniform_grids_and_identical_formats_are_flagged_equivalent(scaling):
         "E0M7-adamw": "E1M6-adamw", "E0M7-grid": "E1M6-grid",
         "float8_e4m3fn-adamw": "E4M3-adamw", "float8_e4m3fn-grid": "E4M3-grid",
     }  # fmt: skip
+
+
+def test_no_equivalence_when_format_shifts_follow_the_ladder_by_name():
+    base = {**TINY, "stability": {"format_shift": True}}
+    g = grid(base=base, axes={"quant.weight,quant.activation": ["E1M6", "E0M7", "E4M3", "float8_e4m3fn"]})
+    assert [cell.equivalent_to for cell in g.cells] == [None] * 4
 
 
 def test_equivalence_needs_every_other_setting_equal():

@@ -35,7 +35,8 @@ channel, or per MX block as ``2^(floor(log2 amax) - emax)``), so the scale absor
 exactly and the quantized tensors, grid steps and codes coincide bit for bit. Two cells whose
 configs agree once every format is replaced by its grid (uniform grids by their level count, other
 formats by their fields, so ``float8_e4m3fn`` equals ``E4M3``) must give the same results: the later
-one (E0M7 cells after E1M6 cells) gets ``equivalent_to`` naming the first.
+one (E0M7 cells after E1M6 cells) gets ``equivalent_to`` naming the first. Not with
+``stability.format_shift`` on: shifts walk the E/M ladder by name (E1M6 -> E0M7, E0M7 -> nothing).
 
 Example::
 
@@ -183,7 +184,7 @@ def _equivalence_key(config: RunConfig) -> str:
     quant = data["quant"]
     if not quant["enabled"]:
         data["quant"] = {"enabled": False}
-    else:
+    elif not data["stability"]["format_shift"]:  # shifts follow the E/M ladder by name: E1M6 -> E0M7
         for kind in ("weight", "activation", "grad"):
             quant[kind] = _grid_of(quant[kind])
             for rule in quant["rules"]:
@@ -316,6 +317,8 @@ def expand_grid(spec: dict[str, Any], root: Path = Path("."), default_name: str 
             tokens = [_token("baseline", str(label))] + ([_token("seed", seed.label)] if extra else [])
             cells.append(make_cell(settings | extra, tokens, baseline=str(label)))
 
+    if not cells:
+        raise GridError("the grid has no cells: every product cell is excluded and there is nothing else")
     names: dict[str, Cell] = {}
     for cell in cells:
         if cell.name in names:

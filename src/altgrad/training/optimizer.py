@@ -171,25 +171,28 @@ class _GridAwareOptimizer(torch.optim.Optimizer):
     # ---- groups ------------------------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        for key in [k for k in ("format", "weight_storage") if param_group.get(k) is not None]:
-            value = param_group[key]
-            if key == "weight_storage" and value == QUANTIZED_STORAGE:
-                continue
-            param_group[key] = _format_key(value)
-        if param_group.get("scale") is not None:
-            _check_scale(param_group["scale"])
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        self._check_group(group)
-        if group.get("weight_storage") is not None and not self.supports_storage:
-            raise ValueError(f"weight_storage: {type(self).__name__} keeps its weights on the grid already; "
-                             "use it without weight_storage")
-        if group.get("weight_storage") is None and (group.get("kahan") or
-                                                    group.get("storage_rounding", "nearest") != "nearest"):
-            raise ValueError("kahan / storage_rounding: need weight_storage (a format name or 'quantized')")
-        if group.get("storage_rounding", "nearest") not in STORAGE_ROUNDINGS:
-            bad = group["storage_rounding"]
-            raise ValueError(f"storage_rounding: {bad!r} is not one of {STORAGE_ROUNDINGS}")
+        try:
+            self._normalize_group(self.param_groups[-1])
+            self._check_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()  # a rejected group leaves the optimizer as it was
+            raise
+
+    @staticmethod
+    def _normalize_group(group: dict[str, Any]) -> None:
+        """Formats stored by name where the name gives them back (picklable with weights_only)."""
+        for key in ("format", "weight_storage"):
+            value = group.get(key)
+            if value is None or (key == "weight_storage" and value == QUANTIZED_STORAGE):
+                continue
+            try:
+                group[key] = _format_key(value)
+            except ValueError as error:
+                also = f" (or {QUANTIZED_STORAGE!r})" if key == "weight_storage" else ""
+                raise ValueError(f"{key}: {error}{also}") from None
+        if group.get("scale") is not None:
+            _check_scale(group["scale"])
 
     def _check_group(self, group: dict[str, Any]) -> None:
         lr, wd = group["lr"], group.get("weight_decay", 0.0)
@@ -197,6 +200,14 @@ class _GridAwareOptimizer(torch.optim.Optimizer):
             raise ValueError(f"lr: must be a number >= 0, got {lr!r}")
         if not (isinstance(wd, (int, float)) and wd >= 0):
             raise ValueError(f"weight_decay: must be a number >= 0, got {wd!r}")
+        storage, rounding = group.get("weight_storage"), group.get("storage_rounding", "nearest")
+        if storage is not None and not self.supports_storage:
+            raise ValueError(f"weight_storage: {type(self).__name__} keeps its weights on the grid already; "
+                             "use it without weight_storage")
+        if rounding not in STORAGE_ROUNDINGS:
+            raise ValueError(f"storage_rounding: {rounding!r} is not one of {STORAGE_ROUNDINGS}")
+        if storage is None and (group.get("kahan") or rounding != "nearest"):
+            raise ValueError("kahan / storage_rounding: need weight_storage (a format name or 'quantized')")
 
     def _quant(self, group: dict[str, Any], p: torch.Tensor) -> tuple[FloatFormat, Any] | None:
         """(format, scale) of ``p``: the group's ``format``/``scale`` if set, else quant_info's, else None."""
@@ -357,6 +368,10 @@ class AdamW(_GridAwareOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         weight_storage=weight_storage, storage_rounding=storage_rounding, kahan=bool(kahan))
         super().__init__(params, defaults, quant_info, generator, seed)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        _check_betas(group["betas"], group["eps"])
 
     def _adam_state(self, p: torch.Tensor, state: dict) -> None:
         if not state:
@@ -607,9 +622,9 @@ class GridOptim(_GridAwareOptimizer):
         index = torch.searchsorted(table, quantize(unscaled, fmt))
         new_index = (index - rungs).clamp_(0, table.numel() - 1)
         new = table[new_index] * scale
-        new = torch.where(torch.isnan(w32), w32, new)
-        w.copy_(new)
-        flips = (new_index != index).sum()
+        nan = torch.isnan(w32)
+        w.copy_(torch.where(nan, w32, new))
+        flips = ((new_index != index) & ~nan).sum()
         updates = (grad != 0).sum()
         state["flips"].add_(flips)
         state["updates"].add_(updates)

@@ -1,0 +1,107 @@
+"""Weights stored in bfloat16 with no fp32 master copy: Zamirai et al. 2020 ("Revisiting BFloat16 Training").
+
+Adding 1e-3 to 1.0 in bfloat16 (spacing 2^-7 ~ 0.0078 in [1, 2), so half a step is 0.0039 > 1e-3)
+with round-to-nearest never moves; stochastic rounding (unbiased) and Kahan summation (the lost low
+bits carried in an fp32 compensation buffer) recover the fp32 result.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from altgrad.quantization.flip_metrics import WeightFlipTracker
+from altgrad.training.optimizer import SGD, AdamW
+
+STEPS, UPDATE, COPIES = 500, 1e-3, 4096
+TARGET = 1.0 + STEPS * UPDATE  # 1.5: still in [1, 2), where the bfloat16 spacing is 2^-7
+BF16_SPACING = 2.0**-7
+
+
+def toy(cls, **storage) -> tuple[torch.Tensor, dict]:
+    """COPIES independent weights at 1.0, each receiving an update of +1e-3 per step for STEPS steps.
+
+    SGD: lr 1e-3, gradient -1. AdamW: lr 1e-3 and a constant gradient, so m_hat / sqrt(v_hat) = 1.
+    """
+    w = torch.nn.Parameter(torch.ones(COPIES))
+    extra = {"weight_decay": 0.0} if cls is AdamW else {}
+    opt = cls([w], lr=UPDATE, seed=0, **extra, **storage)
+    for _ in range(STEPS):
+        w.grad = -torch.ones(COPIES)
+        opt.step()
+    return w.detach(), opt.state[w]
+
+
+@pytest.mark.parametrize("cls", [SGD, AdamW])
+def test_bfloat16_nearest_never_moves(cls):
+    w, _ = toy(cls, weight_storage="bfloat16")
+    assert torch.all(w == 1.0)
+
+
+@pytest.mark.parametrize("cls", [SGD, AdamW])
+def test_bfloat16_stochastic_rounding_reaches_the_target_on_average(cls):
+    w, _ = toy(cls, weight_storage="bfloat16", storage_rounding="stochastic")
+    # Each step's rounding error has mean 0 and std 2^-7 * sqrt(p(1-p)) with p = 1e-3 / 2^-7 = 0.128:
+    # one weight ends at 1.5 +- 0.058 (sqrt(500) * 0.0026), the mean of 4096 at 1.5 +- 0.0009.
+    assert torch.all(w > 1.0)  # every copy moved
+    assert abs(w.mean().item() - TARGET) < 0.005  # > 5 sigma
+    assert 0.04 < w.std().item() < 0.08
+    assert torch.equal(w, w.to(torch.bfloat16).float())  # stored on the bfloat16 grid
+
+
+@pytest.mark.parametrize("cls", [SGD, AdamW])
+def test_bfloat16_kahan_reaches_the_target(cls):
+    w, state = toy(cls, weight_storage="bfloat16", kahan=True)
+    # The stored weight is within half a bfloat16 step of 1.5; weight + compensation is the fp32 sum
+    # (fp32 itself drifts 2.3e-5 from 1.5 over these 500 additions of float32(1e-3)).
+    assert torch.all((w - TARGET).abs() <= BF16_SPACING / 2)
+    assert torch.all((w + state["kahan_comp"] - TARGET).abs() < 1e-4)
+    assert torch.equal(w, w.to(torch.bfloat16).float())
+
+
+# ---- a short training run ------------------------------------------------------------------------------
+
+
+def train(storage: dict, steps: int = 100, lr: float = 8e-4) -> tuple[dict[str, float], float, float]:
+    """A 16-32-1 tanh MLP on a synthetic teacher, AdamW, weights stored per ``storage``.
+
+    Every weight starts in [0.25, 0.5), where bfloat16's spacing is 2^-9 ~ 0.00195: Adam's steps of
+    ~lr = 8e-4 are below half a spacing, so round-to-nearest storage cannot move them.
+    Returns the flip tracker's stall ratio per layer, the initial and the final loss.
+    """
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 16, generator=gen)
+    y = torch.tanh(x @ torch.randn(16, 1, generator=gen))
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    with torch.no_grad():
+        for p in model.parameters():
+            magnitude = 0.25 + 0.25 * torch.rand(p.shape, generator=gen)
+            sign = torch.where(torch.rand(p.shape, generator=gen) < 0.5, -1.0, 1.0)
+            p.copy_((sign * magnitude).to(torch.bfloat16).float())
+    opt = AdamW(model.parameters(), lr=lr, weight_decay=0.0, seed=0, **storage)
+    tracker = WeightFlipTracker()
+    weights = {name: p for name, p in model.named_parameters() if p.ndim >= 2}
+    loss_fn = torch.nn.functional.mse_loss
+    initial = loss_fn(model(x), y).item()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        for name, w in weights.items():
+            tracker.snapshot_pre_step(name, w, "bfloat16", 1.0, grad=w.grad)
+        opt.step()
+        for name, w in weights.items():
+            tracker.record_post_step(name, w, "bfloat16", 1.0)
+    with torch.no_grad():
+        final = loss_fn(model(x), y).item()
+    return tracker.get_stall_ratios(), initial, final
+
+
+def test_mlp_training_stalls_with_nearest_and_recovers_with_stochastic_rounding_and_kahan():
+    _, initial, fp32_final = train({})
+    stalls, _, nearest_final = train({"weight_storage": "bfloat16"})
+    assert all(ratio >= 0.98 for ratio in stalls.values()), stalls  # measured: 0.99, 1.0
+    assert nearest_final > 0.95 * initial  # measured: 2.026 from 2.044: nothing learned
+    for storage in ({"storage_rounding": "stochastic"}, {"kahan": True}):
+        stalls, _, final = train({"weight_storage": "bfloat16", **storage})
+        assert all(ratio < 0.8 for ratio in stalls.values()), (storage, stalls)  # measured: ~0.72
+        assert final < 1.05 * fp32_final, (storage, final, fp32_final)  # measured: 0.364, 0.362 vs 0.362

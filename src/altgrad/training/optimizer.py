@@ -27,8 +27,9 @@ everywhere for E0M7, and ``s * 2^floor(log2|w/s|)`` (the power of two itself) fo
 * ``SGD``: ``d = g + wd w``; ``b <- mu b + d`` (``b = d`` at the first step); ``w <- w - lr b``
   (``d + mu b`` with nesterov) -- identical to ``torch.optim.SGD``.
 * ``ManifoldAdamW(mode="ulp_step")``: ``w <- w - lr * S(w) * m_hat / (sqrt(v_hat) + eps)``: lr is
-  in grid steps, a weight moves by about ``lr`` ULPs of its own format per step (at most ~lr/(1-b1)
-  in a steady gradient). Weight decay is also in ULPs: ``w <- w - sign(w) min(|w|, lr wd S(w))``.
+  in grid steps, a weight moves by about ``lr`` ULPs of its own format per step (exactly lr under a
+  constant gradient, where m_hat/sqrt(v_hat) = 1). Weight decay is also in ULPs:
+  ``w <- w - sign(w) min(|w|, lr wd S(w))``.
   In the normal range ``S/|w|`` lies in ``(2^-(M+1), 2^-M]``, so this is AdamW's multiplicative
   shrink ``w (1 - lr' wd)`` with ``lr' = lr S/|w|`` (the step as a fraction of |w|), piecewise
   constant per binade; near zero (constant subnormal spacing) it stops at zero instead of crossing.
@@ -37,10 +38,11 @@ everywhere for E0M7, and ``s * 2^floor(log2|w/s|)`` (the power of two itself) fo
   and weight decay are AdamW's (weight units). If ``S`` is constant over the moments' memory,
   ``m'/(sqrt(v') + eps) = m / (sqrt(v) + eps/S)`` exactly: the per-weight S cancels and the only
   effect is a per-weight epsilon ``eps / S`` (large for small-spacing weights, damping steps whose
-  ``sqrt(v) < eps/S``). S matters otherwise only through its *changes*: ``m' = sum_k c_k S_k g_k``,
-  ``v' = sum_k c'_k S_k^2 g_k^2`` weight each past gradient by the spacing it had, so after a
-  weight crosses a binade upward (S doubles) its new gradients count 2x in m and 4x in v, and a
-  change of the layer's scale rescales the whole layer's history the same way.
+  ``sqrt(v) < eps/S``); the step stays ~lr in weight units, *not* grid-relative. S matters
+  otherwise only through its *changes*: ``m' = sum_k c_k S_k g_k``, ``v' = sum_k c'_k S_k^2 g_k^2``
+  weight each past gradient by the spacing it had, so after a weight crosses a binade upward (S
+  doubles) its new gradients count 2x in m and 4x in v against its history, and a change of the
+  layer's scale (S is proportional to s) reweights the whole layer's new gradients the same way.
 * ``GridOptim``: momentum in grid rungs ``v <- clip(mu v + lr (g + wd w) / S(w), +-rung_clip)``;
   ``k = stochastic_round(v)``; the weight moves ``k`` representable values down the sorted finite
   table of its format (``sort(format.values()) * s``), clamped at the table ends, and the master
@@ -127,13 +129,17 @@ def _check_scale(scale: Any) -> None:
         raise ValueError(f"scale: must be a finite number > 0 or a tensor, got {scale!r}")
 
 
-def _finite_table(fmt: FloatFormat, device: torch.device, _cache: dict = {}) -> torch.Tensor:  # noqa: B006
-    """The format's distinct finite values, sorted ascending, float32 on ``device`` (cached)."""
-    key = (fmt, device)
-    if key not in _cache:
+_FINITE_TABLES: dict[tuple[FloatFormat, torch.device], torch.Tensor] = {}
+
+
+def _finite_table(fmt: FloatFormat, device: torch.device) -> torch.Tensor:
+    """The format's distinct finite values (+0 and -0 are one), sorted ascending, float32 on ``device``."""
+    key = (fmt, torch.device(device))
+    if key not in _FINITE_TABLES:
         values = fmt.values()
-        _cache[key] = torch.unique(values[torch.isfinite(values)]).to(device=device, dtype=torch.float32)
-    return _cache[key]
+        finite = torch.unique(values[torch.isfinite(values)])  # sorted
+        _FINITE_TABLES[key] = finite.to(device=device, dtype=torch.float32)
+    return _FINITE_TABLES[key]
 
 
 class _GridAwareOptimizer(torch.optim.Optimizer):

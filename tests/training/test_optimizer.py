@@ -22,6 +22,15 @@ from altgrad.training.optimizer import (
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: intra-op threads only add contention on a shared CPU (10x slower under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def param(*values: float) -> torch.nn.Parameter:
     return torch.nn.Parameter(torch.tensor(values, dtype=torch.float32))
 

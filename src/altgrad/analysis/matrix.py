@@ -1,0 +1,243 @@
+"""Read an experiment matrix folder: the cells of ``matrix.json`` matched to their run folders.
+
+``matrix.json`` (written by the matrix runner) lists the cells::
+
+    {"cells": [{"name": "e4m3-adamw-s0", "assignment": {"quant.weight": "E4M3", "optimizer.name": "adamw",
+                "seed": 0}, "baseline": null, "status": "completed", "error": null, "equivalent_to": null}],
+     "axes": {...}}
+
+Without matrix.json every run folder under the matrix folder is a cell, and its assignment is the set of
+config fields that differ between runs (names and paths left out).
+
+Example::
+
+    >>> matrix = load_matrix("runs/matrix")                               # doctest: +SKIP
+    >>> [(cell.format, cell.optimizer, cell.seed, cell.status) for cell in matrix.cells]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from altgrad.analysis.runs import Run, find_runs, flatten, load_run, lookup, render_value
+
+MATRIX_FILE = "matrix.json"
+BASELINE_PRECISIONS = ("fp32", "bf16")
+OPTIMIZER_KEY = "optimizer.name"
+SEED_KEY = "seed"
+RULES_KEY = "quant.rules"
+FORMAT_KEYS = ("quant.weight", "quant.activation", "quant.grad")
+BASELINE_KEY_PREFIXES = ("quant.", "train.precision")
+"""Assignment keys that make a cell a baseline; its ``baseline`` name says it, labels leave them out."""
+IDENTITY_LEAVES = ("name", "run_name", "out_dir", "output_dir", "run_dir", "dir", "path", "root")
+"""Config leaves that name or locate a run rather than describe it; never treated as matrix axes."""
+
+
+@dataclass
+class Cell:
+    """One cell of the matrix: what it assigns, how it ended, and its run (None when there is no folder)."""
+
+    name: str
+    assignment: dict[str, Any]
+    baseline: str | None = None
+    status: str = "pending"
+    error: str | None = None
+    equivalent_to: str | None = None
+    run: Run | None = None
+    base: dict[str, Any] = field(default_factory=dict)
+    """The matrix's base config (matrix.json ``base``): with the assignment, the config of a cell that has
+    no run folder yet."""
+
+    def _config(self, dotted: str) -> Any:
+        return lookup(self.base if self.run is None else self.run.config, dotted)
+
+    @property
+    def seed(self) -> Any:
+        if SEED_KEY in self.assignment:
+            return self.assignment[SEED_KEY]
+        seed = self._config("seed")
+        return self._config("train.seed") if seed is None else seed
+
+    @property
+    def optimizer(self) -> str:
+        name = self.assignment.get(OPTIMIZER_KEY) or self._config(OPTIMIZER_KEY)
+        if name is None and self.run is not None:
+            name = self.run.summary.get("optimizer")
+            name = name.get("name") if isinstance(name, dict) else name
+        return "not recorded" if name is None else str(name)
+
+    @property
+    def format(self) -> str:
+        """The baseline name, or the formats the assignment sets: ``E4M3`` when every quantized tensor
+        kind it sets gets the same one, else ``weight=E4M3, grad=E5M2``; else the config's weight format."""
+        if self.baseline:
+            return self.baseline
+        formats = {
+            key: render_value(value)
+            for key, value in self.assignment.items()
+            if any(part.strip() in FORMAT_KEYS for part in key.split(","))
+        }
+        if len(set(formats.values())) == 1:
+            return next(iter(formats.values()))
+        if formats:
+            return ", ".join(f"{key.replace('quant.', '')}={value}" for key, value in formats.items())
+        weight = self._config("quant.weight")
+        return "quantized" if weight is None else render_value(weight)
+
+    @property
+    def short_context(self) -> str:
+        """The context as values only (``E4M3 / mixed``), for plot legends and digests."""
+        if self.baseline:
+            return self.baseline
+        values = [render_value(v) for k, v in self.assignment.items() if k not in (SEED_KEY, OPTIMIZER_KEY)]
+        return " / ".join(dict.fromkeys(values)) or self.format
+
+    @property
+    def rules(self) -> Any:
+        """The layer rules of this cell's config (``quant.rules``), None when it has none."""
+        return self._config(RULES_KEY) or None
+
+    @property
+    def context(self) -> str:
+        """Everything assigned except seed and optimizer: cells with equal context are comparable."""
+        return self._label(exclude=(SEED_KEY, OPTIMIZER_KEY))
+
+    @property
+    def group(self) -> str:
+        """Everything assigned except the seed: cells with equal group are seeds of one configuration."""
+        return self._label(exclude=(SEED_KEY,))
+
+    def _label(self, exclude: tuple[str, ...]) -> str:
+        parts = [
+            f"{key}={render_value(value)}"
+            for key, value in self.assignment.items()
+            if key not in exclude and not (self.baseline and key.startswith(BASELINE_KEY_PREFIXES))
+        ]
+        if self.baseline:
+            parts.insert(0, f"baseline={self.baseline}")
+        return ", ".join(parts) or self.format
+
+
+@dataclass
+class Matrix:
+    """The cells of a matrix folder, in matrix.json order (else sorted by run folder), and reading notes."""
+
+    path: Path
+    cells: list[Cell]
+    axes: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def short_labels(cells: list[Cell]) -> dict[str, str]:
+    """A short label per context: the format when formats tell the contexts apart, else the values."""
+    formats = {cell.context: cell.format for cell in cells}
+    if len(set(formats.values())) == len(formats):
+        return formats
+    return {cell.context: cell.short_context for cell in cells}
+
+
+def _baseline_of(run: Run) -> str | None:
+    """fp32 / bf16 when the run quantized nothing, else None."""
+    quant = run.summary["quant"] if "quant" in run.summary else lookup(run.config, "quant")
+    enabled = lookup(run.config, "quant.enabled")
+    precision = (
+        run.summary.get("precision")
+        or lookup(run.config, "precision")
+        or lookup(run.config, "train.precision")
+    )
+    if (not quant or enabled is False) and str(precision) in BASELINE_PRECISIONS:
+        return str(precision)
+    return None
+
+
+def _key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _varying_fields(runs: list[Run]) -> list[str]:
+    flats = [flatten(run.config) for run in runs]
+    keys = list(dict.fromkeys(key for flat in flats for key in flat))
+    varying = []
+    for key in keys:
+        leaf = key.rsplit(".", 1)[-1]
+        if key != OPTIMIZER_KEY and leaf in IDENTITY_LEAVES:
+            continue
+        if len({_key(flat.get(key)) for flat in flats}) > 1:
+            varying.append(key)
+    return varying
+
+
+def _cells_from_runs(runs: list[Run]) -> list[Cell]:
+    """One cell per run; baselines and quantized runs each get the fields that vary among themselves."""
+    baselines = {run.path: _baseline_of(run) for run in runs}
+    varying = {
+        is_baseline: _varying_fields([run for run in runs if bool(baselines[run.path]) == is_baseline])
+        for is_baseline in (False, True)
+    }
+    cells = []
+    for run in runs:
+        flat = flatten(run.config)
+        baseline = baselines[run.path]
+        assignment = {key: flat.get(key) for key in varying[bool(baseline)]}
+        if baseline:
+            assignment = {key: value for key, value in assignment.items() if not key.startswith("quant")}
+        error = run.summary.get("error")
+        cells.append(
+            Cell(run.name, assignment, baseline, run.status, None if error is None else str(error), None, run)
+        )
+    return cells
+
+
+def _match(name: str, matrix_dir: Path, runs: dict[Path, Run]) -> Run | None:
+    for path, run in runs.items():
+        if path.relative_to(matrix_dir).as_posix() == name:
+            return run
+    for run in runs.values():
+        if name in (run.path.name, run.summary.get("name"), lookup(run.config, "name")):
+            return run
+    return None
+
+
+def load_matrix(matrix_dir: str | Path) -> Matrix:
+    """Read matrix.json (when present) and every run folder under ``matrix_dir``."""
+    matrix_dir = Path(matrix_dir)
+    runs = {path: load_run(path) for path in find_runs(matrix_dir) if path != matrix_dir}
+    spec_path = matrix_dir / MATRIX_FILE
+    if not spec_path.exists():
+        if not runs:
+            raise FileNotFoundError(f"{matrix_dir}: no {MATRIX_FILE} and no run folders")
+        notes = [f"no {MATRIX_FILE}: cells are the run folders, grouped by the config fields that differ"]
+        return Matrix(matrix_dir, _cells_from_runs(list(runs.values())), {}, notes)
+    try:
+        spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{spec_path}: not valid JSON ({error})") from None
+    entries = spec.get("cells") if isinstance(spec, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and e.get("name") for e in entries):
+        raise ValueError(f"{spec_path}: expected {{'cells': [{{'name': ..., ...}}, ...]}}")
+    cells, matched, notes = [], set(), []
+    base = spec["base"] if isinstance(spec.get("base"), dict) else {}
+    for entry in entries:
+        name = str(entry["name"])
+        run = _match(name, matrix_dir, runs)
+        if run is not None:
+            matched.add(run.path)
+        cells.append(
+            Cell(
+                name=name,
+                assignment=dict(entry.get("assignment") or {}),
+                baseline=entry.get("baseline"),
+                status=str(entry.get("status") or "pending"),
+                error=entry.get("error"),
+                equivalent_to=entry.get("equivalent_to"),
+                run=run,
+                base=base,
+            )
+        )
+    strays = sorted(path.relative_to(matrix_dir).as_posix() for path in runs if path not in matched)
+    if strays:
+        notes.append(f"run folders not listed in {MATRIX_FILE} (left out): {', '.join(strays)}")
+    return Matrix(matrix_dir, cells, dict(spec.get("axes") or {}), notes)

@@ -1,0 +1,38 @@
+"""One entry point for reports: a run folder gets a run report, a matrix folder a matrix report.
+
+Example::
+
+    >>> write_report("runs/e4m3_adamw")   # a run folder    -> runs/e4m3_adamw/report.html  # doctest: +SKIP
+    >>> write_report("runs/matrix")       # a matrix folder -> runs/matrix/report.html      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from altgrad.analysis.matrix import MATRIX_FILE
+from altgrad.analysis.matrix_report import write_matrix_report
+from altgrad.analysis.run_report import write_run_report
+from altgrad.analysis.runs import find_runs, is_run_dir
+
+
+def write_report(path: str | Path) -> Path:
+    """Write the report for ``path`` and return the path of its report.html.
+
+    ``path`` is a matrix folder when it holds matrix.json, a run folder when it holds config.yaml or
+    metrics.jsonl, and otherwise a matrix folder when run folders lie under it.
+    Raises FileNotFoundError when it is none of these.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such folder")
+    if (path / MATRIX_FILE).is_file():
+        return write_matrix_report(path)
+    if is_run_dir(path):
+        return write_run_report(path)
+    if find_runs(path):
+        return write_matrix_report(path)
+    raise FileNotFoundError(
+        f"{path}: neither a run folder (config.yaml, metrics.jsonl) nor a matrix folder "
+        f"({MATRIX_FILE} or run folders under it)"
+    )

@@ -1,5 +1,7 @@
 """Numerics and diagnostics on tensors: formats, quantize/encode/decode, scaling, flips, rank health."""
 
+from .diagnostics import BitStallDetector, grid_spacing
+from .flip_metrics import WeightFlipTracker, attach_flip_tracker, compute_flip_rate, compute_stall_ratio
 from .formats import (
     BFLOAT16,
     E0M7,
@@ -28,10 +30,14 @@ from .formats import (
     get_format,
 )
 from .ops import decode, dequantize, encode, quantize
+from .rank_health import RankHealthMonitor, RankTrendDetector, compute_effective_rank, compute_stable_rank
 
 __all__ = [
     "BFLOAT16", "E0M7", "E1M6", "E2M5", "E3M4", "E4M3", "E5M2", "E6M1", "E7M0", "FLOAT4_E2M1FN",
     "FLOAT6_E2M3FN", "FLOAT6_E3M2FN", "FLOAT8_E3M4", "FLOAT8_E4M3", "FLOAT8_E4M3B11FNUZ", "FLOAT8_E4M3FN",
     "FLOAT8_E4M3FNUZ", "FLOAT8_E5M2", "FLOAT8_E5M2FNUZ", "FLOAT8_E8M0FNU", "FLOAT16", "FORMATS",
     "FloatFormat", "FP8Format", "get_format", "quantize", "dequantize", "encode", "decode",
+    "compute_flip_rate", "compute_stall_ratio", "WeightFlipTracker", "attach_flip_tracker",
+    "BitStallDetector", "grid_spacing", "compute_stable_rank", "compute_effective_rank",
+    "RankTrendDetector", "RankHealthMonitor",
 ]  # fmt: skip

@@ -1,0 +1,140 @@
+"""grid_spacing against the decoded value table; BitStallDetector's predicted and measured stall."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from altgrad.quantization import (
+    E0M7,
+    E1M6,
+    E2M5,
+    E3M4,
+    E4M3,
+    E5M2,
+    E6M1,
+    E7M0,
+    FLOAT8_E4M3FNUZ,
+    BitStallDetector,
+    WeightFlipTracker,
+    encode,
+    grid_spacing,
+)
+from altgrad.quantization.diagnostics import grid_position
+
+EIGHT_BIT = [E0M7, E1M6, E2M5, E3M4, E4M3, E5M2, E6M1, E7M0, FLOAT8_E4M3FNUZ]
+
+
+def _finite_grid(fmt) -> torch.Tensor:
+    """Sorted distinct finite values of the format, from its decoded table (the independent reference)."""
+    values = fmt.values()
+    return torch.unique(values[torch.isfinite(values)])  # sorted, +0 and -0 merged
+
+
+@pytest.mark.parametrize("fmt", EIGHT_BIT, ids=lambda f: f.name)
+def test_grid_spacing_is_the_gap_to_the_next_value_up(fmt) -> None:
+    grid = _finite_grid(fmt)
+    nonnegative = grid[grid >= 0]
+    gaps = nonnegative[1:] - nonnegative[:-1]
+    spacing = grid_spacing(nonnegative[:-1].float(), fmt)
+    assert torch.equal(spacing.double(), gaps)
+    assert torch.equal(grid_spacing(-nonnegative[:-1].float(), fmt), spacing)  # symmetric
+
+
+def test_grid_spacing_edges_and_scale() -> None:
+    x = torch.tensor([0.0, -0.0, 1e-30, 1e6, math.inf, math.nan])
+    spacing = grid_spacing(x, E4M3)
+    assert spacing[:3].tolist() == [2.0**-9] * 3  # the subnormal spacing
+    assert spacing[3:5].tolist() == [2.0**5] * 2  # the top binade's (448 = 1.75 * 2^8, M = 3)
+    assert math.isnan(spacing[5])
+    assert torch.equal(grid_spacing(x[:5] * 0.01, E4M3, scale=0.01), spacing[:5] * 0.01)
+    assert grid_spacing(torch.tensor([0.9, -0.3, 0.0]), E0M7).tolist() == [2.0**-7] * 3  # uniform
+    assert grid_spacing(torch.tensor([1.0], dtype=torch.float64), E5M2).dtype == torch.float64
+
+
+def test_grid_spacing_per_channel_tensor_scale() -> None:
+    w = torch.tensor([[1.0, 0.0], [4.0, 0.0]])
+    scale = torch.tensor([[1.0], [4.0]])
+    assert grid_spacing(w, E5M2, scale).tolist() == [[0.25, 2.0**-16], [1.0, 2.0**-14]]
+    with pytest.raises(ValueError, match="scale"):
+        grid_spacing(w, E5M2, scale=0.0)
+
+
+@pytest.mark.parametrize("fmt", EIGHT_BIT, ids=lambda f: f.name)
+def test_grid_position_counts_grid_steps(fmt) -> None:
+    grid = _finite_grid(fmt).float()
+    positions = grid_position(encode(grid, fmt), fmt)
+    assert torch.equal(positions.diff(), torch.ones(len(grid) - 1, dtype=positions.dtype))
+    if fmt.has_zero:
+        assert int(positions[grid == 0]) == 0
+        assert int(grid_position(encode(torch.tensor([-0.0]), fmt), fmt)) == 0
+
+
+# ---- BitStallDetector -------------------------------------------------------------------------------
+
+
+def test_tiny_updates_are_predicted_and_measured_stalls() -> None:
+    w = torch.tensor([1.0, 1.25, -2.0, 0.5])  # on the E5M2 grid
+    after = w + 0.1 * grid_spacing(w, E5M2)
+    stats = BitStallDetector(E5M2).measure(w, after).to_dict()
+    assert stats["elements"] == 4
+    assert stats["predicted_stall"] == 1.0 and stats["measured_stall"] == 1.0
+    assert stats["ulps_mean"] == pytest.approx(0.1) and stats["ulps_median"] == pytest.approx(0.1)
+    assert stats["grid_steps_mean"] == 0.0 and stats["grid_steps_frac/0"] == 1.0
+
+
+def test_grid_steps_and_histogram() -> None:
+    w = torch.tensor([1.0, 1.0, 1.0, 1.0])  # E5M2 values above 1: 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4 ...
+    after = torch.tensor([1.0, 1.25, 1.75, 8.0])  # 0, 1, 3 and 12 grid steps
+    stats = BitStallDetector().measure(w, after, format=E5M2).to_dict()
+    assert stats["predicted_stall"] == 0.25 and stats["measured_stall"] == 0.25
+    assert stats["grid_steps_mean"] == (0 + 1 + 3 + 12) / 4
+    assert stats["grid_steps_median"] == 1.0  # the lower median
+    assert stats["ulps_mean"] == pytest.approx((0 + 1 + 3 + 28) / 4)  # |dw| / 0.25
+    assert [stats[f"grid_steps_frac/{b}"] for b in ("0", "1", "2-3", "4-7", "8-15", "16+")] == [
+        0.25, 0.25, 0.25, 0.0, 0.25, 0.0,
+    ]  # fmt: skip
+
+
+def test_updated_mask_selects_elements_and_empty_is_nan() -> None:
+    w = torch.tensor([1.0, 1.0, 1.0])
+    after = torch.tensor([2.0, 1.0, 1.0])
+    detector = BitStallDetector(E5M2)
+    stats = detector.measure(w, after, updated=torch.tensor([True, True, False])).to_dict()
+    assert stats["elements"] == 2 and stats["measured_stall"] == 0.5
+    empty = detector.measure(w, after, updated=torch.zeros(3, dtype=torch.bool)).to_dict()
+    assert (
+        empty["elements"] == 0 and math.isnan(empty["predicted_stall"]) and math.isnan(empty["ulps_median"])
+    )
+
+
+def test_predicted_stall_mask() -> None:
+    w = torch.tensor([1.0, 1.0, 4.0])
+    mask = BitStallDetector(E5M2).predicted_stall_mask(w, torch.tensor([0.1, 0.2, 0.2]))
+    assert mask.tolist() == [True, False, True]  # half-spacing is 0.125 at 1 and 0.5 at 4
+
+
+def test_measured_stall_matches_the_tracker() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(64, 32)
+    grad = torch.randn_like(w).masked_fill_(torch.rand_like(w) < 0.2, 0.0)
+    after = w - 0.05 * grad - 0.01 * w  # an update plus decay
+    tracker = WeightFlipTracker()
+    tracker.snapshot_pre_step("fc", w, E4M3, 0.5, grad=grad)
+    tracker.record_post_step("fc", after, E4M3, 0.5)
+    stats = BitStallDetector(E4M3, scale=0.5).measure(w, after, updated=grad.abs() > 1e-10).to_dict()
+    assert stats["measured_stall"] == pytest.approx(tracker.get_stall_ratios()["fc"])
+    assert 0.0 < stats["predicted_stall"] < 1.0
+
+
+def test_detector_errors() -> None:
+    with pytest.raises(ValueError, match="needs a format"):
+        BitStallDetector().measure(torch.ones(2), torch.ones(2))
+    with pytest.raises(ValueError, match="shape"):
+        BitStallDetector(E5M2).measure(torch.ones(2), torch.ones(3))
+    with pytest.raises(ValueError, match="histogram_edges"):
+        BitStallDetector(E5M2, histogram_edges=(1, 2))
+    with pytest.raises(ValueError, match="scale"):
+        BitStallDetector(E5M2, scale=-1.0)

@@ -1,0 +1,439 @@
+"""Flip, update, stall and drift counting of WeightFlipTracker, checked against independent counts."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import altgrad.quantization.flip_metrics as flip_metrics
+from altgrad.quantization import (
+    E4M3,
+    E5M2,
+    FLOAT16,
+    WeightFlipTracker,
+    attach_flip_tracker,
+    compute_flip_rate,
+    compute_stall_ratio,
+    quantize,
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+# ---- compute_flip_rate / compute_stall_ratio ----------------------------------------------------------
+
+
+def test_flip_rate_counts_changed_elements() -> None:
+    assert compute_flip_rate(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 2.5, 3.0, 0.0])) == 0.5
+    assert compute_flip_rate(torch.ones(3, 4), torch.ones(3, 4)) == 0.0
+
+
+def test_flip_rate_on_integer_codes() -> None:
+    prev = torch.tensor([1, 2, 3, 4, 5], dtype=torch.uint8)
+    assert compute_flip_rate(prev, torch.tensor([1, 2, 3, 4, 6], dtype=torch.uint8)) == pytest.approx(0.2)
+
+
+def test_flip_rate_nan_in_both_is_unchanged_and_signed_zeros_are_equal() -> None:
+    prev = torch.tensor([math.nan, 0.0, 1.0, math.nan])
+    curr = torch.tensor([math.nan, -0.0, 1.0, 2.0])
+    assert compute_flip_rate(prev, curr) == 0.25
+
+
+def test_flip_rate_empty_and_shape_mismatch() -> None:
+    assert compute_flip_rate(torch.empty(0), torch.empty(0)) == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        compute_flip_rate(torch.ones(3), torch.ones(4))
+
+
+def test_stall_ratio() -> None:
+    assert compute_stall_ratio(25, 100) == 0.75
+    assert compute_stall_ratio(0, 0) == 0.0  # never NaN
+    assert compute_stall_ratio(5, 0) == 0.0
+    assert compute_stall_ratio(0, 10) == 1.0
+    assert compute_stall_ratio(20, 10) == 0.0  # clamped
+
+
+# ---- the tracker, element by element ------------------------------------------------------------------
+
+
+def _step(
+    tracker: WeightFlipTracker, name: str, w: torch.Tensor, new: torch.Tensor, grad=None, fmt=E5M2
+) -> int:
+    """Snapshot, change ``w`` in place (as an optimizer would), count the flips."""
+    tracker.snapshot_pre_step(name, w, fmt, 1.0, grad=grad)
+    with torch.no_grad():
+        w.copy_(new)
+    return tracker.compute_flips_post_step(name, w, fmt, 1.0)
+
+
+def test_flips_are_codes_that_changed() -> None:
+    tracker = WeightFlipTracker()
+    w = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    # E5M2 around 1.0: spacing 0.25, so 1.1 rounds back to 1.0, 1.2 to 1.25, 2.0 is two binades up.
+    flips = _step(tracker, "fc", w, torch.tensor([1.1, 1.2, 2.0, 1.0]))
+    assert flips == 2
+    assert tracker.get_flip_counts() == {"fc": 2}
+    assert tracker.get_flip_rates() == {"fc": 0.5}
+
+
+def test_signed_zero_change_is_not_a_flip() -> None:
+    tracker = WeightFlipTracker()
+    w = torch.tensor([1e-30, -1e-30])
+    assert _step(tracker, "fc", w, torch.tensor([-1e-30, 1e-30])) == 0
+
+
+def test_update_counts_start_at_first_snapshot_with_grad() -> None:
+    tracker = WeightFlipTracker()
+    w = torch.ones(4)
+    tracker.snapshot_pre_step("fc", w, E5M2, 1.0)
+    assert tracker.update_counts == {}
+    tracker.compute_flips_post_step("fc", w, E5M2, 1.0)
+    tracker.snapshot_pre_step("fc", w, E5M2, 1.0, grad=torch.zeros(4))
+    assert tracker.update_counts == {"fc": 0}
+    assert tracker.get_update_counts() == {"fc": 0}
+    tracker.compute_flips_post_step("fc", w, E5M2, 1.0)
+    tracker.snapshot_pre_step("fc", w, E5M2, 1.0, grad=torch.tensor([1.0, 1e-11, -1e-3, 0.0]))
+    assert tracker.update_counts == {"fc": 2}  # counted at the snapshot, cumulative
+
+
+def test_stall_ratio_counts_flips_among_updated_and_drift_apart() -> None:
+    tracker = WeightFlipTracker()
+    w = torch.ones(6)
+    grad = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0])  # 4 updates; the last two drift (weight decay)
+    new = torch.tensor([1.5, 1.1, 1.1, 1.1, 0.5, 1.0])  # 1 updated flip, 1 drift flip
+    assert _step(tracker, "fc", w, new, grad=grad) == 2
+    assert tracker.get_update_counts() == {"fc": 4}
+    assert tracker.get_drift_flip_counts() == {"fc": 1}
+    assert tracker.get_stall_ratios() == {"fc": 0.75}
+
+
+def test_stall_ratio_is_zero_not_nan_without_updates() -> None:
+    tracker = WeightFlipTracker()
+    w = torch.ones(3)
+    _step(tracker, "fc", w, torch.full((3,), 2.0), grad=torch.zeros(3))
+    _step(tracker, "no_grad", torch.ones(3), torch.full((3,), 2.0))
+    assert tracker.get_stall_ratios() == {"fc": 0.0, "no_grad": 0.0}
+    assert tracker.get_drift_flip_counts() == {"fc": 3, "no_grad": 0}  # without a grad flips are not split
+    assert tracker.get_flip_counts() == {"fc": 3, "no_grad": 3}
+
+
+def test_flip_rates_are_per_element_and_step() -> None:
+    tracker = WeightFlipTracker()
+    w = torch.ones(4)
+    _step(tracker, "fc", w, torch.tensor([2.0, 2.0, 1.0, 1.0]))
+    _step(tracker, "fc", w, torch.tensor([2.0, 2.0, 1.0, 1.0]))  # nothing changes
+    assert tracker.get_flip_rates() == {"fc": 2 / 8}
+
+
+def test_unchanged_weight_gives_zero_flips() -> None:
+    tracker = WeightFlipTracker()
+    w = torch.randn(8)
+    tracker.snapshot_pre_step("fc", w, E5M2, 1.0)
+    assert tracker.compute_flips_post_step("fc", w, E5M2, 1.0) == 0
+
+
+def test_record_post_step_returns_a_tensor() -> None:
+    tracker = WeightFlipTracker()
+    w = torch.ones(4)
+    tracker.snapshot_pre_step("fc", w, E5M2, 1.0)
+    with torch.no_grad():
+        w[0] = 4.0
+    flips = tracker.record_post_step("fc", w, E5M2, 1.0)
+    assert isinstance(flips, torch.Tensor) and flips.dtype == torch.int64 and int(flips) == 1
+
+
+# ---- errors -------------------------------------------------------------------------------------------
+
+
+def test_post_step_without_snapshot_names_the_layer() -> None:
+    tracker = WeightFlipTracker()
+    with pytest.raises(ValueError, match="'h.0.mlp'"):
+        tracker.compute_flips_post_step("h.0.mlp", torch.ones(3), E5M2, 1.0)
+    w = torch.ones(3)
+    tracker.snapshot_pre_step("h.0.mlp", w, E5M2, 1.0)
+    tracker.compute_flips_post_step("h.0.mlp", w, E5M2, 1.0)
+    with pytest.raises(ValueError, match="no snapshot_pre_step"):  # one post-step per snapshot
+        tracker.compute_flips_post_step("h.0.mlp", w, E5M2, 1.0)
+
+
+def test_shape_change_names_the_layer() -> None:
+    tracker = WeightFlipTracker()
+    tracker.snapshot_pre_step("fc", torch.ones(3), E5M2, 1.0)
+    with pytest.raises(ValueError, match=r"'fc'.*shape changed"):
+        tracker.compute_flips_post_step("fc", torch.ones(4), E5M2, 1.0)
+
+
+def test_format_change_and_grad_shape_are_rejected() -> None:
+    tracker = WeightFlipTracker()
+    w = torch.ones(3)
+    tracker.snapshot_pre_step("fc", w, E5M2, 1.0)
+    with pytest.raises(ValueError, match="E4M3"):
+        tracker.compute_flips_post_step("fc", w, E4M3, 1.0)
+    with pytest.raises(ValueError, match="grad shape"):
+        tracker.snapshot_pre_step("fc", w, E5M2, 1.0, grad=torch.ones(4))
+    with pytest.raises(ValueError, match="unknown format"):
+        tracker.snapshot_pre_step("fc", w, "E9M9X", 1.0)
+
+
+# ---- encode once per step, state size -----------------------------------------------------------------
+
+
+def _count_encodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = flip_metrics.encode
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(flip_metrics, "encode", counting)
+    return calls
+
+
+def test_post_step_codes_are_reused_by_the_next_snapshot(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _count_encodes(monkeypatch)
+    tracker = WeightFlipTracker()
+    w = nn.Parameter(torch.randn(16, 8))
+    optimizer = torch.optim.SGD([w], lr=0.1)
+    for _ in range(4):
+        w.grad = torch.randn_like(w)
+        tracker.snapshot_pre_step("fc", w, E5M2, 1.0, grad=w.grad)
+        optimizer.step()
+        tracker.record_post_step("fc", w, E5M2, 1.0)
+    assert len(calls) == 1 + 4  # the first snapshot, then one per step
+
+
+def test_changes_between_steps_are_noticed(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _count_encodes(monkeypatch)
+    tracker = WeightFlipTracker()
+    w = torch.ones(4)
+    scale = torch.tensor(1.0)
+    tracker.snapshot_pre_step("fc", w, E5M2, scale)
+    tracker.record_post_step("fc", w, E5M2, scale)  # unchanged: no encode
+    assert len(calls) == 1
+    with torch.no_grad():
+        w.mul_(4.0)  # in place outside the optimizer: a new version
+    tracker.snapshot_pre_step("fc", w, E5M2, scale)
+    tracker.record_post_step("fc", w, E5M2, scale)
+    assert len(calls) == 2
+    scale.fill_(2.0)  # the quantizer updates its scale in place
+    tracker.snapshot_pre_step("fc", w, E5M2, scale)
+    tracker.record_post_step("fc", w, E5M2, scale)
+    assert len(calls) == 3
+    tracker.snapshot_pre_step("fc", w.clone(), E5M2, scale)  # another tensor object
+    assert len(calls) == 4
+    tracker.record_post_step("fc", w, E5M2, scale)
+    tracker.invalidate("fc")
+    tracker.snapshot_pre_step("fc", w, E5M2, scale)
+    assert len(calls) == 6
+
+
+def test_state_is_one_byte_per_element_for_8_bit_formats() -> None:
+    tracker = WeightFlipTracker()
+    w = torch.randn(32, 16)
+    tracker.snapshot_pre_step("fc", w, E4M3, 1.0, grad=torch.randn_like(w))
+    assert tracker.state_bytes() == 2 * w.numel()  # codes + the updated-mask, until the post-step
+    tracker.record_post_step("fc", w, E4M3, 1.0)
+    assert tracker.state_bytes() == w.numel()
+    assert tracker._layers["fc"].latest.codes.dtype == torch.uint8
+    tracker.snapshot_pre_step("wide", torch.randn(10), FLOAT16, 1.0)
+    assert tracker.state_bytes() == w.numel() + 4 * 10  # formats above 8 bits: int32 codes
+
+
+def test_second_snapshot_replaces_the_first() -> None:
+    tracker = WeightFlipTracker()
+    w = torch.ones(4)
+    tracker.snapshot_pre_step("fc", w, E5M2, 1.0, grad=torch.ones(4))  # e.g. a step skipped after this
+    tracker.snapshot_pre_step("fc", w, E5M2, 1.0, grad=torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    tracker.record_post_step("fc", w, E5M2, 1.0)
+    assert tracker.update_counts == {"fc": 1}
+    assert tracker.pop_step_counts()["fc"]["updates"] == 1
+
+
+# ---- intervals, metrics, reset, state_dict -------------------------------------------------------------
+
+
+def test_pop_step_counts_reads_an_interval_and_keeps_totals() -> None:
+    tracker = WeightFlipTracker()
+    w = torch.ones(4)
+    _step(tracker, "fc", w, torch.tensor([2.0, 1.0, 1.0, 1.0]), grad=torch.ones(4))
+    _step(tracker, "fc", w, torch.tensor([4.0, 2.0, 1.0, 1.0]), grad=torch.ones(4))
+    counts = tracker.pop_step_counts()
+    assert counts["fc"] == {
+        "flips": 3, "updated_flips": 3, "drift_flips": 0, "updates": 8, "steps": 2, "element_steps": 8,
+        "stall_ratio": 1 - 3 / 8, "flip_rate": 3 / 8,
+    }  # fmt: skip
+    assert tracker.step_counts()["fc"]["flips"] == 0
+    _step(tracker, "fc", w, torch.tensor([4.0, 2.0, 2.0, 1.0]), grad=torch.ones(4))
+    assert tracker.pop_step_counts()["fc"]["flips"] == 1
+    assert tracker.get_flip_counts() == {"fc": 4}
+
+
+def test_step_metrics_use_the_run_folder_keys() -> None:
+    tracker = WeightFlipTracker()
+    _step(tracker, "a", torch.ones(4), torch.tensor([2.0, 1.0, 1.0, 1.0]), grad=torch.ones(4))
+    _step(tracker, "b", torch.ones(2), torch.tensor([2.0, 2.0]), grad=torch.tensor([1.0, 0.0]))
+    metrics = tracker.pop_step_metrics()
+    assert metrics["flips/a"] == 1 and metrics["updates/a"] == 4 and metrics["stall_ratio/a"] == 0.75
+    assert metrics["drift_flips/b"] == 1 and metrics["flip_rate/b"] == 1.0 and metrics["stall_ratio/b"] == 0.0
+    assert metrics["flips/total"] == 3 and metrics["updates/total"] == 5
+    assert metrics["stall_ratio/mean"] == pytest.approx((0.75 + 0.0) / 2)
+    assert metrics["flip_rate/mean"] == pytest.approx((0.25 + 1.0) / 2)
+
+
+def test_reset_forgets_everything() -> None:
+    tracker = WeightFlipTracker()
+    _step(tracker, "fc", torch.ones(4), torch.full((4,), 2.0), grad=torch.ones(4))
+    tracker.reset()
+    assert tracker.get_flip_counts() == {} and tracker.update_counts == {} and tracker.state_bytes() == 0
+    with pytest.raises(ValueError, match="no snapshot"):
+        tracker.compute_flips_post_step("fc", torch.ones(4), E5M2, 1.0)
+
+
+def test_state_dict_round_trip_continues_the_counts() -> None:
+    tracker = WeightFlipTracker()
+    w = torch.ones(4)
+    _step(tracker, "fc", w, torch.tensor([2.0, 1.0, 1.0, 1.0]), grad=torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    state = json.loads(json.dumps(tracker.state_dict()))  # plain data
+    resumed = WeightFlipTracker()
+    resumed.load_state_dict(state)
+    assert resumed.get_flip_counts() == {"fc": 1} and resumed.update_counts == {"fc": 2}
+    with pytest.raises(ValueError, match="no snapshot"):  # codes are not saved: snapshot first
+        resumed.compute_flips_post_step("fc", w, E5M2, 1.0)
+    for t in (tracker, resumed):
+        _step(t, "fc", w.clone(), torch.tensor([2.0, 2.0, 1.0, 1.0]), grad=torch.ones(4))
+    assert resumed.state_dict() == tracker.state_dict()
+    assert resumed.get_flip_rates() == tracker.get_flip_rates() == {"fc": 2 / 8}
+    with pytest.raises(ValueError, match="state"):
+        resumed.load_state_dict({"layers": {}})
+
+
+# ---- a real optimizer, checked against quantized values ------------------------------------------------
+
+
+def _mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(12, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 4))
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(16, 12)
+    x[:, :3] = 0.0  # three input features never active: those weight columns get no gradient, only decay
+    return x, torch.randn(16, 4)
+
+
+def _independent_counts(model: nn.Module, steps: int, track) -> dict[str, dict[str, int]]:
+    """Flips from quantize() values before/after each AdamW step; updates from |grad| > 1e-10."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.5)
+    weights = {name: p for name, p in model.named_parameters() if p.ndim >= 2}
+    counts = {name: dict(flips=0, updates=0, updated_flips=0, drift_flips=0) for name in weights}
+    for _ in range(steps):
+        x, y = _batch()
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        before = {name: quantize(w.detach(), E5M2, 0.25) for name, w in weights.items()}
+        updated = {name: w.grad.abs() > 1e-10 for name, w in weights.items()}
+        track(optimizer, weights, "pre")
+        optimizer.step()
+        track(optimizer, weights, "post")
+        for name, w in weights.items():
+            changed = quantize(w.detach(), E5M2, 0.25) != before[name]
+            c = counts[name]
+            c["flips"] += int(changed.sum())
+            c["updates"] += int(updated[name].sum())
+            c["updated_flips"] += int((changed & updated[name]).sum())
+            c["drift_flips"] += int((changed & ~updated[name]).sum())
+    return counts
+
+
+def _check(tracker: WeightFlipTracker, expected: dict[str, dict[str, int]], rename=lambda n: n) -> None:
+    assert tracker.get_flip_counts() == {rename(n): c["flips"] for n, c in expected.items()}
+    assert tracker.update_counts == {rename(n): c["updates"] for n, c in expected.items()}
+    assert tracker.get_drift_flip_counts() == {rename(n): c["drift_flips"] for n, c in expected.items()}
+    assert tracker.get_stall_ratios() == {
+        rename(n): 1 - c["updated_flips"] / c["updates"] for n, c in expected.items()
+    }
+    assert sum(c["drift_flips"] for c in expected.values()) > 0  # the test exercises drift
+    assert all(0 < c["flips"] < c["updates"] for c in expected.values())  # and partial stalls
+
+
+def test_tracker_matches_quantized_values_in_a_training_loop() -> None:
+    tracker = WeightFlipTracker()
+
+    def track(optimizer, weights, phase):
+        for name, w in weights.items():
+            if phase == "pre":
+                tracker.snapshot_pre_step(name, w, E5M2, 0.25, grad=w.grad)
+            else:
+                tracker.record_post_step(name, w, E5M2, 0.25)
+
+    expected = _independent_counts(_mlp(), steps=5, track=track)
+    _check(tracker, expected)
+
+
+def test_attached_tracker_matches_quantized_values() -> None:
+    model = _mlp()
+    hooks_holder = {}
+
+    def track(optimizer, weights, phase):
+        if "hooks" not in hooks_holder:
+            hooks_holder["hooks"] = attach_flip_tracker(
+                model, optimizer, default_format=E5M2, default_scale=0.25
+            )
+
+    expected = _independent_counts(model, steps=5, track=track)
+    hooks = hooks_holder["hooks"]
+    assert set(hooks.layers) == {"0", "2", "4"} and hooks.layers["0"] == "0.weight"
+    _check(hooks.tracker, expected, rename=lambda n: n.removesuffix(".weight"))
+
+
+# ---- attach_flip_tracker ------------------------------------------------------------------------------
+
+
+def _train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 2) -> None:
+    for _ in range(steps):
+        x, y = _batch()
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+
+
+def test_attach_with_a_mapping_and_remove() -> None:
+    model = _mlp()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    hooks = attach_flip_tracker(
+        model, optimizer, formats={"2.weight": (E4M3, 0.5), "2.bias": "E5M2"}, default_format=None
+    )
+    _train(model, optimizer)
+    assert set(hooks.tracker.get_flip_counts()) == {"2", "2.bias"}
+    assert hooks.tracker.update_counts["2"] == 2 * 32 * 32
+    hooks.remove()
+    _train(model, optimizer)
+    assert hooks.tracker.update_counts["2"] == 2 * 32 * 32
+    with pytest.raises(ValueError, match="not parameters"):
+        attach_flip_tracker(model, optimizer, formats={"nope.weight": "E4M3"})
+    with pytest.raises(ValueError, match="unknown format"):
+        attach_flip_tracker(model, optimizer, default_format="E4M9Q")
+
+
+def test_attach_with_a_callable_and_frozen_parameters() -> None:
+    model = _mlp()
+    model[4].weight.requires_grad_(False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen: list[str] = []
+
+    def formats(name: str, p: nn.Parameter):
+        seen.append(name)
+        return (E5M2, p.detach().abs().amax() / E5M2.max_finite) if name == "0.weight" else None
+
+    hooks = attach_flip_tracker(model, optimizer, formats=formats)
+    _train(model, optimizer, steps=3)
+    assert set(hooks.tracker.get_flip_counts()) == {"0"}
+    assert "4.weight" not in seen  # frozen: no gradient, never asked
+    assert hooks.tracker.pop_step_counts()["0"]["steps"] == 3

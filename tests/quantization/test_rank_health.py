@@ -1,0 +1,239 @@
+"""Stable and effective rank against numpy's SVD; trend warnings; the model-wide monitor."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from altgrad.quantization import (
+    RankHealthMonitor,
+    RankTrendDetector,
+    compute_effective_rank,
+    compute_stable_rank,
+)
+from altgrad.quantization.rank_health import (
+    compute_rank_metrics,
+    rank_metrics_from_singular_values,
+    singular_values,
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def _numpy_ranks(w: torch.Tensor) -> tuple[float, float]:
+    """The definitions, on numpy's float64 SVD (an independent reference)."""
+    s = np.linalg.svd(w.reshape(w.shape[0], -1).double().numpy(), compute_uv=False)
+    p = s / s.sum()
+    p = p[p > 0]
+    return float((s**2).sum() / s[0] ** 2), float(np.exp(-(p * np.log(p)).sum()))
+
+
+# ---- single matrices ----------------------------------------------------------------------------------
+
+
+def test_identity() -> None:
+    assert compute_stable_rank(torch.eye(7)) == pytest.approx(7.0, rel=1e-12)
+    assert compute_effective_rank(torch.eye(7)) == pytest.approx(7.0, rel=1e-12)
+
+
+def test_rank_one() -> None:
+    w = torch.outer(torch.randn(20, dtype=torch.float64), torch.randn(9, dtype=torch.float64))
+    assert compute_stable_rank(w) == pytest.approx(1.0, abs=1e-12)
+    assert compute_effective_rank(w) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_zero_matrix() -> None:
+    assert compute_stable_rank(torch.zeros(3, 5)) == 15.0
+    assert compute_effective_rank(torch.zeros(3, 5)) == 1.0
+
+
+@pytest.mark.parametrize("shape", [(40, 12), (12, 40), (16, 3, 3, 3)])
+def test_matches_numpy_and_bounds(shape) -> None:
+    w = torch.randn(shape)
+    stable, effective = _numpy_ranks(w)
+    assert compute_stable_rank(w) == pytest.approx(stable, rel=1e-10)
+    assert compute_effective_rank(w) == pytest.approx(effective, rel=1e-10)
+    k = min(shape[0], math.prod(shape[1:]))
+    assert 1.0 <= compute_effective_rank(w) <= k and 1.0 <= compute_stable_rank(w) <= k
+
+
+def test_transpose_and_dtype_invariance() -> None:
+    w = torch.randn(30, 8)
+    assert compute_stable_rank(w) == pytest.approx(compute_stable_rank(w.T), rel=1e-12)
+    assert compute_effective_rank(w.bfloat16()) == pytest.approx(
+        compute_effective_rank(w.bfloat16().T), rel=1e-12
+    )
+
+
+def test_invalid_and_non_finite() -> None:
+    with pytest.raises(ValueError, match="2\\+-dim"):
+        compute_stable_rank(torch.ones(5))
+    w = torch.randn(4, 4)
+    w[1, 2] = math.nan
+    assert math.isnan(compute_stable_rank(w)) and math.isnan(compute_effective_rank(w))
+
+
+def test_metrics_from_singular_values_are_batched() -> None:
+    s = torch.tensor([[3.0, 2.0, 1.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    metrics = rank_metrics_from_singular_values(s, numel=12)
+    assert metrics["stable_rank"].tolist() == pytest.approx([14 / 9, 3.0, 12.0])
+    assert metrics["effective_rank"][1:].tolist() == pytest.approx([3.0, 1.0])
+    assert metrics["spectral_norm"].tolist() == [3.0, 1.0, 0.0]
+
+
+def test_gram_and_svd_singular_values_agree() -> None:
+    batch = torch.randn(3, 50, 20, dtype=torch.float64)
+    s_svd, s_gram = singular_values(batch, "svd"), singular_values(batch, "gram")
+    assert torch.allclose(s_gram, s_svd, rtol=1e-10)
+    assert singular_values(batch.mT, "gram").shape == (3, 20)  # tall orientation either way
+    with pytest.raises(ValueError, match="method"):
+        singular_values(batch, "qr")
+
+
+# ---- many matrices at once --------------------------------------------------------------------------
+
+
+def test_compute_rank_metrics_matches_single_matrix_functions() -> None:
+    matrices = {
+        "a": torch.randn(64, 16), "b": torch.randn(64, 16), "wide": torch.randn(16, 64),
+        "low": torch.randn(48, 3) @ torch.randn(3, 24), "eye": torch.eye(10), "zero": torch.zeros(6, 4),
+        "conv": torch.randn(8, 2, 3, 3),
+    }  # fmt: skip
+    for method in ("gram", "svd"):
+        ranks = compute_rank_metrics(matrices, method=method)
+        assert list(ranks) == list(matrices)
+        for name, w in matrices.items():
+            assert ranks[name]["stable_rank"] == pytest.approx(compute_stable_rank(w), rel=1e-9), name
+            assert ranks[name]["effective_rank"] == pytest.approx(compute_effective_rank(w), rel=1e-4), name
+            spectral = float(torch.linalg.matrix_norm(w.reshape(w.shape[0], -1).double(), 2))
+            assert ranks[name]["spectral_norm"] == pytest.approx(spectral, rel=1e-9), name
+    nan = torch.ones(4, 4)
+    nan[0, 0] = math.inf
+    assert all(math.isnan(v) for v in compute_rank_metrics({"x": nan})["x"].values())
+
+
+def test_large_matrices_are_row_sampled() -> None:
+    w = torch.randn(4000, 8) * torch.linspace(0.5, 2.0, 8)  # stable rank ~ 3.2, effective ~ 7.6
+    exact = compute_rank_metrics({"emb": w}, max_matrix_elements=None)["emb"]
+    sampled = compute_rank_metrics({"emb": w}, max_matrix_elements=1000)["emb"]  # 125 of 4000 rows
+    assert sampled == compute_rank_metrics({"emb": w}, max_matrix_elements=1000)["emb"]  # same rows each time
+    assert sampled != exact
+    for metric in ("stable_rank", "effective_rank", "spectral_norm"):
+        assert sampled[metric] == pytest.approx(exact[metric], rel=0.15)
+
+
+# ---- RankTrendDetector --------------------------------------------------------------------------------
+
+
+def test_detector_ema_and_warmup_silence() -> None:
+    detector = RankTrendDetector(alpha=0.5, threshold_pct=0.2, window=4)
+    assert detector.ema is None and detector.step_count == 0
+    assert detector.update(10.0) is None and detector.ema == 10.0
+    assert detector.update(1.0) is None  # a huge drop inside the window is silent
+    assert detector.update(1.0) is None and detector.update(1.0) is None
+    assert detector.ema == pytest.approx(10 / 8 + 1 * 7 / 8) and detector.step_count == 4
+
+
+def test_detector_warns_on_a_sustained_drop() -> None:
+    detector = RankTrendDetector(alpha=0.5, threshold_pct=0.2, window=3)
+    assert [detector.update(10.0) for _ in range(6)] == [None] * 6
+    assert detector.update(8.0) is None  # EMA 9: 10% down
+    message = detector.update(5.0)  # EMA 7: 30% down
+    assert message is not None and message.startswith("WARN")
+    assert "7" in message and "10" in message and "30.0%" in message
+    assert detector.update(5.0) is not None  # still down: still warning
+    detector.reset()
+    assert detector.ema is None and detector.step_count == 0 and detector.update(1.0) is None
+
+
+def test_detector_reference_follows_the_best_level_after_warmup() -> None:
+    detector = RankTrendDetector(alpha=1.0, threshold_pct=0.2, window=1)
+    assert [detector.update(v) for v in (10.0, 20.0, 17.0)] == [None, None, None]
+    assert detector.reference == 20.0
+    assert detector.update(15.0) is not None  # 25% below the best EMA after warmup
+
+
+def test_detector_stable_series_and_non_finite() -> None:
+    detector = RankTrendDetector(alpha=0.1, threshold_pct=0.2, window=5)
+    assert all(detector.update(10.0 + 0.1 * (i % 3)) is None for i in range(50))
+    assert detector.update(math.nan).startswith("WARN") and math.isfinite(detector.ema)
+    with pytest.raises(ValueError, match="threshold_pct"):
+        RankTrendDetector(threshold_pct=20)
+
+
+# ---- RankHealthMonitor --------------------------------------------------------------------------------
+
+
+class _TinyGPT(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(50, 16)
+        self.c_attn = nn.Linear(16, 48)
+        self.c_proj = nn.Linear(16, 16)
+        self.ln = nn.LayerNorm(16)
+        self.lm_head = nn.Linear(16, 50, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+
+
+def test_compute_layer_ranks_covers_matrices_once() -> None:
+    model = _TinyGPT()
+    ranks = RankHealthMonitor().compute_layer_ranks(model)
+    assert set(ranks) == {"wte.weight", "c_attn.weight", "c_proj.weight"}  # no biases, norms or tied copy
+    assert set(ranks["c_attn.weight"]) == {"stable_rank", "effective_rank", "spectral_norm"}
+    assert ranks["c_attn.weight"]["stable_rank"] == pytest.approx(compute_stable_rank(model.c_attn.weight))
+
+
+def test_critical_layers_and_thresholds() -> None:
+    monitor = RankHealthMonitor(warn_threshold=0.3, critical_threshold_multiplier=0.5)
+    monitor.compute_layer_ranks(_TinyGPT())
+    assert monitor.is_critical("h.0.attn.c_proj.weight") and not monitor.is_critical("c_attn.weight")
+    assert monitor.is_critical("wte.weight")  # tied to lm_head
+    assert monitor.threshold_for("c_proj.weight") == pytest.approx(0.15)
+    assert monitor.threshold_for("c_attn.weight") == pytest.approx(0.3)
+    assert RankHealthMonitor(critical_layers=["mlp"]).is_critical("h.1.mlp.c_fc.weight")
+
+
+def _series(monitor: RankHealthMonitor, values: list[float]) -> list[list[str]]:
+    layers = ("h.0.mlp.c_fc.weight", "h.0.attn.c_proj.weight")
+    return [
+        monitor.check_warnings({name: {"stable_rank": v, "effective_rank": 10.0} for name in layers})
+        for v in values
+    ]
+
+
+def test_monitor_warmup_then_critical_layers_warn_first() -> None:
+    monitor = RankHealthMonitor(warmup_checks=3, ema_alpha=1.0)
+    warnings = _series(monitor, [1.0, 1.0, 1.0] + [10.0, 10.0, 8.0])  # warmup is silent; then 20% down
+    assert warnings[:5] == [[]] * 5
+    assert len(warnings[5]) == 1 and warnings[5][0].startswith("WARN h.0.attn.c_proj.weight stable_rank")
+    assert monitor.last_warnings == [
+        {"layer": "h.0.attn.c_proj.weight", "metric": "stable_rank", "message": warnings[5][0]}
+    ]
+    assert len(_series(monitor, [6.0])[0]) == 2  # 40% down: both layers
+    assert monitor.checks == 7
+
+
+def test_monitor_state_dict_round_trip() -> None:
+    values = [10.0] * 5 + [9.0, 8.0, 7.0, 6.0]
+    uninterrupted = RankHealthMonitor(warmup_checks=4)
+    expected = _series(uninterrupted, values)
+    first = RankHealthMonitor(warmup_checks=4)
+    _series(first, values[:6])
+    resumed = RankHealthMonitor(warmup_checks=4)
+    resumed.load_state_dict(first.state_dict())
+    assert _series(resumed, values[6:]) == expected[6:]
+    assert any(expected[6:]) and resumed.checks == len(values)
+
+
+def test_monitor_should_check_and_validation() -> None:
+    monitor = RankHealthMonitor(log_interval=50)
+    assert monitor.should_check(100) and not monitor.should_check(101)
+    with pytest.raises(ValueError, match="warn_threshold"):
+        RankHealthMonitor(warn_threshold=30)

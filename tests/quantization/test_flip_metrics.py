@@ -159,8 +159,8 @@ def test_post_step_without_snapshot_names_the_layer() -> None:
     w = torch.ones(3)
     tracker.snapshot_pre_step("h.0.mlp", w, E5M2, 1.0)
     tracker.compute_flips_post_step("h.0.mlp", w, E5M2, 1.0)
-    with pytest.raises(ValueError, match="no snapshot_pre_step"):  # one post-step per snapshot
-        tracker.compute_flips_post_step("h.0.mlp", w, E5M2, 1.0)
+    with pytest.raises(KeyError, match="no snapshot_pre_step"):  # one post-step per snapshot
+        tracker.compute_flips_post_step("h.0.mlp", w, E5M2, 1.0)  # (the error is also a KeyError)
 
 
 def test_shape_change_names_the_layer() -> None:
@@ -233,6 +233,17 @@ def test_changes_between_steps_are_noticed(monkeypatch: pytest.MonkeyPatch) -> N
     tracker.invalidate("fc")
     tracker.snapshot_pre_step("fc", w, E5M2, scale)
     assert len(calls) == 6
+
+
+def test_inference_tensors_are_encoded_each_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _count_encodes(monkeypatch)
+    tracker = WeightFlipTracker()
+    with torch.inference_mode():
+        w = torch.ones(4)  # no version counter: never reused
+        tracker.snapshot_pre_step("fc", w, E5M2, 1.0)
+        w[0] = 2.0
+        assert tracker.compute_flips_post_step("fc", w, E5M2, 1.0) == 1
+    assert len(calls) == 2
 
 
 def test_state_is_one_byte_per_element_for_8_bit_formats() -> None:

@@ -101,6 +101,21 @@ def compute_stall_ratio(flips: int, updates: int) -> float:
     return min(1.0, max(0.0, 1.0 - flips / updates))
 
 
+class MissingSnapshotError(KeyError, ValueError):
+    """A post-step call for a layer with no pending ``snapshot_pre_step`` (a KeyError and a ValueError)."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0])
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter; None where it has none (inference tensors)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
 @dataclass
 class _Codes:
     """Codes of one weight tensor, with what they depend on so a later call can tell if they are current."""
@@ -108,19 +123,22 @@ class _Codes:
     codes: torch.Tensor
     format: FloatFormat
     weight: weakref.ref
-    version: int
+    version: int | None
     data_ptr: int
     scale: ScaleLike
     scale_version: int | None
 
     def is_current(self, weight: torch.Tensor, fmt: FloatFormat, scale: ScaleLike) -> bool:
         """True when ``weight`` is the same tensor, unchanged since encoding, at the same format and scale."""
-        if self.weight() is not weight or weight._version != self.version or fmt != self.format:
+        if self.version is None or self.weight() is not weight or fmt != self.format:
+            return False
+        if _version(weight) != self.version:
             return False
         if weight.data_ptr() != self.data_ptr or weight.shape != self.codes.shape:
             return False
         if isinstance(scale, torch.Tensor) or isinstance(self.scale, torch.Tensor):
-            return scale is self.scale and scale._version == self.scale_version
+            same_tensor = scale is self.scale and self.scale_version is not None
+            return same_tensor and _version(scale) == self.scale_version
         return float(scale) == self.scale
 
 
@@ -153,10 +171,10 @@ def _encode(weight: torch.Tensor, fmt: FloatFormat, scale: ScaleLike) -> _Codes:
         codes=codes,
         format=fmt,
         weight=weakref.ref(weight),
-        version=weight._version,
+        version=_version(weight),
         data_ptr=weight.data_ptr(),
         scale=scale if isinstance(scale, torch.Tensor) else float(scale),
-        scale_version=scale._version if isinstance(scale, torch.Tensor) else None,
+        scale_version=_version(scale) if isinstance(scale, torch.Tensor) else None,
     )
 
 
@@ -222,7 +240,7 @@ class WeightFlipTracker:
         layer = self._layers.get(name)
         if layer is None or layer.snapshot is None:
             waiting = sorted(n for n, s in self._layers.items() if s.snapshot is not None)
-            raise ValueError(
+            raise MissingSnapshotError(
                 f"layer {name!r}: no snapshot_pre_step since its last post-step call "
                 f"(layers with a snapshot: {waiting})"
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from altgrad.quantization.formats import FORMATS
 
@@ -17,12 +18,43 @@ def formats_table() -> str:
     header = ["name", "E", "M", "bias", "specials", "min_subnormal", "min_normal", "max"]
     rows = [[_format_number(fmt.describe()[key]) for key in header] for fmt in FORMATS.values()]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in [header, *rows]]
-    return "\n".join(lines)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in [header, *rows]
+    )
 
 
 def _cmd_formats(args: argparse.Namespace) -> int:
     print(formats_table())
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from altgrad.analysis import write_run_report
+    from altgrad.training.config import load_config
+    from altgrad.training.trainer import resume, train
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        summary = resume(run_dir, overrides=args.set)
+    else:
+        config = load_config(args.config, overrides=args.set)
+        run_dir = config.run_dir
+        summary = train(config)
+    write_run_report(run_dir)
+    print(
+        f"{summary['status']}: {summary['steps']} steps, final train loss {summary['final_train_loss']:.4f}, "
+        f"val loss {_format_number(summary['final_val_loss'])}, mean stall ratio "
+        f"{_format_number(summary['mean_stall_ratio'])}"
+    )
+    print(f"run folder: {run_dir}  (report: {run_dir / 'report.html'})")
+    return 0 if summary["status"] == "completed" else 1
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from altgrad.analysis import write_report
+
+    path = write_report(args.directory)
+    print(f"report written: {path}")
     return 0
 
 
@@ -31,6 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     formats = commands.add_parser("formats", help="print the table of registered number formats")
     formats.set_defaults(handler=_cmd_formats)
+
+    train = commands.add_parser("train", help="train one run (no CONFIG: the built-in default)")
+    train.add_argument("config", nargs="?", help="a run config YAML file")
+    train.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a key")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    train.set_defaults(handler=_cmd_train)
+
+    report = commands.add_parser("report", help="write report.html/report.md for a run or a matrix folder")
+    report.add_argument("directory", help="a run folder or a matrix folder")
+    report.set_defaults(handler=_cmd_report)
+
+    from altgrad.experiments.cli import register as register_matrix
+
+    register_matrix(commands)
     return parser
 
 

@@ -83,8 +83,16 @@ class TrainConfig(_Section):
     log_interval: int = Field(1, ge=1)
 
 
+GRID_UNIT_OPTIMIZERS = ("manifold_adamw", "grid")
+
+
 class OptimizerConfig(_Section):
+    """``lr`` is in the optimizer's own unit: weight units for adamw/sgd (default ``train.lr``), grid
+    steps (ULPs) per step for manifold_adamw and rungs for grid (default 1.0). The warmup/cosine
+    schedule shape of ``train`` applies to it either way."""
+
     name: Literal["adamw", "manifold_adamw", "grid", "sgd"] = "adamw"
+    lr: float | None = Field(None, gt=0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -175,6 +183,13 @@ class RunConfig(_Section):
     stability: StabilityConfig = Field(default_factory=StabilityConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @property
+    def optimizer_lr(self) -> float:
+        """Peak learning rate of the optimizer, in its own unit (see OptimizerConfig)."""
+        if self.optimizer.lr is not None:
+            return self.optimizer.lr
+        return 1.0 if self.optimizer.name in GRID_UNIT_OPTIMIZERS else self.train.lr
 
     @property
     def run_dir(self) -> Path:

@@ -1,0 +1,251 @@
+"""QuantizedLinear: an nn.Linear whose weight, input and output gradient live on 8-bit grids.
+
+Forward::
+
+    w_q = Q_w(W / s_w) * s_w          weight, in the weight format
+    x_q = Q_a(x / s_a) * s_a          input activation, in the activation format
+    y   = x_q @ w_q.T + b
+
+autograd saves ``x_q`` and ``w_q``, so the backward uses exactly the quantized weight of the forward:
+``dL/dx = g_q @ w_q`` with ``g_q = Q_g(dL/dy / s_g) * s_g`` the output gradient in the grad format.
+Weight and activation quantization are straight-through (their gradients pass unchanged).
+
+Scales (``scaling=``): ``"delayed"`` (default; per tensor, the max of an amax history of the last
+``amax_history`` steps, as in Transformer Engine), ``"current"`` (per tensor, this call's amax),
+``"per_channel"`` (weights per output row, activations and gradients per tensor, current amax),
+``"mx"`` (blocks of 32 along the last axis sharing an E8M0 scale, OCP MX).
+
+Each layer counts, per tensor kind, the elements that overflowed (|v / s| > max_finite), that
+underflowed (non-zero but quantized to zero) and that were not finite, while ``collect_stats`` is on.
+The counts stay on the device as one tensor; ``read_stats`` returns them.
+
+Example::
+
+    >>> layer = QuantizedLinear(nn.Linear(64, 32), LayerQuantSpec(weight=E4M3, activation=E4M3, grad=E5M2))
+    >>> y = layer(torch.randn(8, 64)); y.sum().backward()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from altgrad.quantization.formats import FloatFormat
+from altgrad.quantization.ops import quantize
+from altgrad.quantization.scaling import AmaxHistory, compute_scale, mx_quantize, per_channel_scale
+
+TENSOR_KINDS: tuple[str, ...] = ("weight", "activation", "grad")
+SCALING_MODES: tuple[str, ...] = ("delayed", "current", "per_channel", "mx")
+ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
+_OVERFLOW, _UNDERFLOW, _NONFINITE, _TOTAL = range(4)
+
+
+@dataclass(frozen=True)
+class LayerQuantSpec:
+    """What one layer quantizes: a format (or None for full precision) per tensor kind."""
+
+    weight: FloatFormat | None = None
+    activation: FloatFormat | None = None
+    grad: FloatFormat | None = None
+    scaling: str = "delayed"
+    rounding: str = "nearest"
+    amax_history: int = 16
+    margin: int = 0
+
+    def __post_init__(self) -> None:
+        if self.scaling not in SCALING_MODES:
+            raise ValueError(f"scaling: {self.scaling!r} is not one of {SCALING_MODES}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding: {self.rounding!r} is not one of {ROUNDINGS}")
+
+    def format_of(self, kind: str) -> FloatFormat | None:
+        return getattr(self, kind)
+
+    @property
+    def is_active(self) -> bool:
+        return any(self.format_of(kind) is not None for kind in TENSOR_KINDS)
+
+
+class _TensorQuantizer(nn.Module):
+    """Scale bookkeeping and fake quantization for one tensor kind of one layer."""
+
+    def __init__(self, spec: LayerQuantSpec, kind: str, stats: torch.Tensor, kind_index: int) -> None:
+        super().__init__()
+        self.spec, self.kind, self.stats, self.kind_index = spec, kind, stats, kind_index
+        self.history = AmaxHistory(spec.amax_history)
+        self.last_scale: torch.Tensor | None = None
+        self.collect_stats = False
+        self.generator: torch.Generator | None = None
+
+    @property
+    def format(self) -> FloatFormat | None:
+        return self.spec.format_of(self.kind)
+
+    def scale_for(self, x: torch.Tensor) -> torch.Tensor:
+        fmt, spec = self.format, self.spec
+        assert fmt is not None
+        if spec.scaling == "per_channel" and self.kind == "weight":
+            return per_channel_scale(x.detach(), fmt, axis=0, margin=spec.margin)
+        current_amax = x.detach().abs().amax().float()
+        if spec.scaling == "delayed":
+            # the scale comes from earlier steps' amaxes; this step's amax joins the history (in training)
+            amax = current_amax if len(self.history) == 0 else self.history.amax
+            if self.training:
+                self.history.update(current_amax)
+            return compute_scale(amax, fmt, margin=spec.margin)
+        return compute_scale(current_amax, fmt, margin=spec.margin)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fmt = self.format
+        if fmt is None:
+            return x
+        if self.spec.scaling == "mx":
+            quantized, _ = mx_quantize(x, fmt, elem_rounding=self.spec.rounding)
+            quantized = x + (quantized - x).detach()  # straight-through
+            if self.collect_stats:
+                self._count(x.detach(), quantized.detach(), None)
+            return quantized
+        scale = self.scale_for(x)
+        self.last_scale = scale
+        quantized = quantize(x, fmt, scale, rounding=self.spec.rounding, generator=self.generator)
+        if self.collect_stats:
+            self._count(x.detach(), quantized.detach(), scale)
+        return quantized
+
+    def _count(self, original: torch.Tensor, quantized: torch.Tensor, scale: torch.Tensor | None) -> None:
+        fmt = self.format
+        assert fmt is not None
+        finite = torch.isfinite(original)
+        magnitude = original.abs() if scale is None else original.abs() / scale
+        overflow = (finite & (magnitude > fmt.max_finite)).sum() if scale is not None else torch.zeros(())
+        counts = torch.stack(
+            [
+                overflow.to(self.stats.dtype),
+                ((quantized == 0) & (original != 0) & finite).sum().to(self.stats.dtype),
+                (~finite).sum().to(self.stats.dtype),
+                torch.tensor(float(original.numel()), dtype=self.stats.dtype, device=self.stats.device),
+            ]
+        )
+        self.stats[self.kind_index].add_(counts.to(self.stats.device))
+
+
+class _QuantizeGradient(torch.autograd.Function):
+    """Identity forward; the backward fake-quantizes the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, x, quantizer):  # type: ignore[override]
+        ctx.quantizer = quantizer
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        with torch.no_grad():
+            return ctx.quantizer(grad_output), None
+
+
+class QuantizedLinear(nn.Module):
+    """A drop-in for ``nn.Linear`` that shares the original's Parameters (tied weights stay tied)."""
+
+    def __init__(self, linear: nn.Linear, spec: LayerQuantSpec) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.spec = spec
+        self.register_buffer("quant_stats", torch.zeros(len(TENSOR_KINDS), 4, device=linear.weight.device))
+        self.quantizers = nn.ModuleDict(
+            {kind: _TensorQuantizer(spec, kind, self.quant_stats, i) for i, kind in enumerate(TENSOR_KINDS)}
+        )
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: LayerQuantSpec) -> QuantizedLinear:
+        return cls(linear, spec)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear holding the same Parameters."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = self.weight
+        linear.bias = self.bias
+        return linear
+
+    # ---- what the trainer, tracker and optimizers read -------------------------------------------------
+
+    @property
+    def weight_format(self) -> FloatFormat | None:
+        return self.spec.weight
+
+    def weight_scale(self) -> torch.Tensor:
+        """The weight scale of the last forward (computed now if there was none), broadcastable to W."""
+        quantizer = self.quantizers["weight"]
+        if quantizer.last_scale is None:
+            if self.spec.weight is None:
+                return torch.ones((), device=self.weight.device)
+            return (
+                quantizer.scale_for(self.weight)
+                if self.spec.scaling != "delayed"
+                else compute_scale(
+                    self.weight.detach().abs().amax().float(), self.spec.weight, margin=self.spec.margin
+                )
+            )
+        return quantizer.last_scale
+
+    def set_format(self, kind: str, fmt: FloatFormat | None) -> None:
+        """Switch one tensor kind to another format (an emergency format shift); the amax history stays."""
+        if kind not in TENSOR_KINDS:
+            raise ValueError(f"kind: {kind!r} is not one of {TENSOR_KINDS}")
+        self.spec = replace(self.spec, **{kind: fmt})
+        for quantizer in self.quantizers.values():
+            quantizer.spec = self.spec
+
+    @property
+    def collect_stats(self) -> bool:
+        return self.quantizers["weight"].collect_stats
+
+    @collect_stats.setter
+    def collect_stats(self, on: bool) -> None:
+        for quantizer in self.quantizers.values():
+            quantizer.collect_stats = on
+
+    def read_stats(self, reset: bool = True) -> torch.Tensor:
+        """Counts per kind (rows weight, activation, grad): overflow, underflow, non-finite, total."""
+        stats = self.quant_stats.clone()
+        if reset:
+            self.quant_stats.zero_()
+        return stats
+
+    # ---- forward --------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.quantizers["weight"](self.weight)
+        activation = self.quantizers["activation"](x)
+        out = F.linear(activation, weight, self.bias)
+        if self.spec.grad is not None and out.requires_grad:
+            out = _QuantizeGradient.apply(out, self.quantizers["grad"])
+        return out
+
+    def extra_repr(self) -> str:
+        names = {kind: (fmt.name if (fmt := self.spec.format_of(kind)) else "none") for kind in TENSOR_KINDS}
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, "
+            f"weight={names['weight']}, activation={names['activation']}, grad={names['grad']}, "
+            f"scaling={self.spec.scaling}"
+        )
+
+    # ---- state for checkpoints ------------------------------------------------------------------------
+
+    def quant_state(self) -> dict:
+        return {
+            kind: {"history": q.history.state_dict(), "last_scale": q.last_scale}
+            for kind, q in self.quantizers.items()
+        } | {
+            "formats": {kind: (f.name if (f := self.spec.format_of(kind)) else None) for kind in TENSOR_KINDS}
+        }
+
+    def load_quant_state(self, state: dict) -> None:
+        for kind, quantizer in self.quantizers.items():
+            quantizer.history.load_state_dict(state[kind]["history"])
+            quantizer.last_scale = state[kind]["last_scale"]

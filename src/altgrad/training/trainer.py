@@ -1,0 +1,564 @@
+"""The training loop: a quantized GPT step by step, with the discrete-dynamics diagnostics.
+
+One step, in the order of DESIGN.md:
+
+1. forward through the QuantizedLinears (weight and input fake-quantized; autograd saves the
+   quantized weight), loss;
+2. backward (each layer's output gradient fake-quantized in the grad format);
+3. gradient statistics (every ``grad_stats_interval``), clipping;
+4. ``WeightFlipTracker.snapshot_pre_step`` for each quantized weight (codes, not float copies);
+5. ``optimizer.step()``;
+6. flips, updates and stall ratio per layer (the post-step codes are the next step's pre-step codes);
+7. every ``rank_interval``: rank health, trend warnings recorded as events;
+8. metrics to the sinks, with one host sync per logged step.
+
+A non-finite loss or weight stops the run: a ``nan_stop`` event naming the step and the layers, a
+final checkpoint, ``status: nan_stop`` in the summary (the CLI exits non-zero).
+
+Example::
+
+    >>> from altgrad.training.config import load_config
+    >>> summary = train(load_config(None, ["train.max_steps=20"]))
+    >>> summary["status"]
+    'completed'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from altgrad.integration import QuantizedLinear, QuantPlan, QuantRule, quantize_model, quantized_layers
+from altgrad.quantization.flip_metrics import WeightFlipTracker
+from altgrad.quantization.formats import get_format
+from altgrad.quantization.rank_health import RankHealthMonitor
+from altgrad.quantization.stability import FormatShiftController, relative_grad_clip
+
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import RunConfig, config_from_dict, save_config
+from .data import BatchSampler, load_data
+from .loggers import MetricsLogger
+from .metrics import compute_gradient_stats
+from .model import GPT, GPTConfig
+from .optimizer import build_optimizer
+from .optimizer_diagnostics import optimizer_statistics
+from .schedule import cosine_with_warmup
+
+EVAL_SEED = 1234  # every run evaluates on the same validation windows
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _quant_plan(config: RunConfig) -> QuantPlan:
+    quant = config.quant
+    rules = [QuantRule(rule.pattern, rule.weight, rule.activation, rule.grad) for rule in quant.rules]
+    return QuantPlan(
+        weight=quant.weight,
+        activation=quant.activation,
+        grad=quant.grad,
+        rules=rules,
+        scaling=quant.scaling,
+        rounding=quant.rounding,
+        amax_history=quant.amax_history,
+        margin=quant.margin,
+    )
+
+
+class Trainer:
+    """Builds everything a run needs from its config; ``run()`` trains and returns the summary."""
+
+    def __init__(self, config: RunConfig, resume: bool = False) -> None:
+        self.config = config
+        self.run_dir = config.run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        seed_everything(config.seed)
+
+        self.data = load_data(**config.data.model_dump())
+        self.sampler = BatchSampler(
+            self.data, config.train.batch_size, config.model.block_size, seed=config.seed, device=self.device
+        )
+        model_config = GPTConfig(
+            block_size=config.model.block_size,
+            vocab_size=self.data.tokenizer.vocab_size,
+            n_layer=config.model.n_layer,
+            n_head=config.model.n_head,
+            n_embd=config.model.n_embd,
+            dropout=config.model.dropout,
+            bias=config.model.bias,
+        )
+        self.model = GPT(model_config).to(self.device)
+        self.startup_warnings: list[str] = []
+        if config.quant.enabled:
+            surgery = quantize_model(self.model, _quant_plan(config))
+            self.startup_warnings = [
+                f"quant rule {p!r} matched no Linear layer" for p in surgery.unmatched_rules
+            ]
+        self.layers: dict[str, QuantizedLinear] = quantized_layers(self.model)
+        self.tracked = {name: layer for name, layer in self.layers.items() if layer.weight_format is not None}
+        self.layer_of_param = {id(layer.weight): layer for layer in self.tracked.values()}
+        self.optimizer = self._build_optimizer()
+        self.tracker = WeightFlipTracker()
+        self.rank_monitor = RankHealthMonitor(
+            log_interval=config.diagnostics.rank_interval,
+            warn_threshold=config.diagnostics.rank_warn_threshold,
+            warmup_checks=config.diagnostics.rank_warmup_checks,
+            max_matrix_elements=config.diagnostics.max_rank_matrix_elements,
+        )
+        stability = config.stability
+        self.format_shifts = (
+            FormatShiftController(
+                patience=stability.shift_patience,
+                stall_threshold=stability.shift_stall_threshold,
+                warmup_steps=stability.shift_warmup_steps,
+                formats={name: layer.weight_format for name, layer in self.tracked.items()},
+            )
+            if stability.format_shift
+            else None
+        )
+        self.step = 0
+        self.best_val_loss = math.inf
+        self.first_rank_warning_step: int | None = None
+        self.shift_events: list[dict[str, Any]] = []
+        self.precision_used = "fp32"
+        if resume:
+            self._restore()
+        else:
+            for name in ("metrics.jsonl", "events.jsonl", "summary.json"):
+                (self.run_dir / name).unlink(missing_ok=True)
+        save_config(config, self.run_dir / "config.yaml")
+        self.logger = MetricsLogger.for_run(
+            self.run_dir,
+            wandb=config.logging.wandb,
+            tensorboard=config.logging.tensorboard,
+            project=config.logging.wandb_project,
+            config=config.to_dict(),
+        )
+
+    # ---- construction ------------------------------------------------------------------------------------
+
+    def quant_info(self, param: torch.nn.Parameter) -> tuple[Any, torch.Tensor] | None:
+        """The format and current scale of a quantized weight, for grid-aware optimizers."""
+        layer = self.layer_of_param.get(id(param))
+        if layer is None or layer.weight_format is None:
+            return None
+        return layer.weight_format, layer.weight_scale()
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW-style groups: weight decay only on 2+-dim weights (each shared Parameter once)."""
+        params = list(dict.fromkeys(p for p in self.model.parameters() if p.requires_grad))
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.config.train.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        options = self.config.optimizer
+        storage = get_format(options.weight_storage) if options.weight_storage not in (None, "none") else None
+        return build_optimizer(
+            options.name,
+            groups,
+            lr=self.config.optimizer_lr,
+            betas=options.betas,
+            eps=options.eps,
+            weight_decay=self.config.train.weight_decay,
+            quant_info=self.quant_info,
+            momentum=options.momentum,
+            mode=options.manifold_mode,
+            rung_clip=options.rung_clip,
+            weight_storage=storage,
+            storage_rounding=options.storage_rounding,
+            kahan=options.kahan,
+            seed=self.config.seed,
+        )
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "quantizers": {name: layer.quant_state() for name, layer in self.layers.items()},
+            "tracker": self.tracker.state_dict(),
+            "rank_monitor": self.rank_monitor.state_dict(),
+            "format_shifts": self.format_shifts.state_dict() if self.format_shifts else None,
+            "sampler": self.sampler.state_dict(),
+            "rng": rng_state(),
+            "tokenizer": self.data.tokenizer.state(),
+            "best_val_loss": self.best_val_loss,
+            "first_rank_warning_step": self.first_rank_warning_step,
+            "shift_events": self.shift_events,
+        }
+
+    def _restore(self) -> None:
+        path = latest_checkpoint(self.run_dir / "checkpoints")
+        if path is None:
+            raise FileNotFoundError(f"no checkpoint to resume from in {self.run_dir / 'checkpoints'}")
+        state = load_checkpoint(path)
+        for name, layer_state in state["quantizers"].items():
+            formats = layer_state["formats"]
+            layer = self.layers[name]
+            for kind, fmt in formats.items():
+                layer.set_format(kind, get_format(fmt) if fmt else None)
+            layer.load_quant_state(layer_state)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.tracker.load_state_dict(state["tracker"])
+        self.rank_monitor.load_state_dict(state["rank_monitor"])
+        if self.format_shifts and state["format_shifts"]:
+            self.format_shifts.load_state_dict(state["format_shifts"])
+        self.sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        self.best_val_loss = state["best_val_loss"]
+        self.first_rank_warning_step = state["first_rank_warning_step"]
+        self.shift_events = state["shift_events"]
+        for name in ("metrics.jsonl", "events.jsonl"):  # drop what was logged after the checkpoint
+            _truncate_jsonl_after(self.run_dir / name, self.step)
+
+    def save(self) -> None:
+        save_checkpoint(
+            self.run_dir / "checkpoints", self.step, self.state_dict(), self.config.checkpoint.keep
+        )
+
+    # ---- one step ------------------------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.config.train.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _train_step(self, measure: dict[str, bool]) -> tuple[torch.Tensor, dict[str, Any]]:
+        config, record = self.config, {}
+        # the schedule's shape comes from train.lr/min_lr; its height is the optimizer's own lr
+        unit = config.optimizer_lr / config.train.lr
+        lr = unit * cosine_with_warmup(
+            self.step + 1,
+            config.train.lr,
+            config.train.min_lr,
+            config.train.warmup_steps,
+            config.train.max_steps,
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        record["lr"] = lr
+        for layer in self.layers.values():
+            layer.collect_stats = measure["quant"]
+
+        self.model.train()
+        x, y = self.sampler.get_batch("train")
+        with self._autocast():
+            logits, loss = self.model(x, y)
+        if logits.dtype == torch.bfloat16:
+            self.precision_used = "bf16-autocast"
+        loss.backward()
+
+        if measure["grad_stats"]:
+            record.update(compute_gradient_stats(self.model))
+        if config.stability.relative_grad_clip is not None:
+            for layer in self.tracked.values():
+                if layer.weight.grad is not None:
+                    relative_grad_clip(
+                        layer.weight.grad,
+                        layer.weight_format,
+                        layer.weight_scale(),
+                        ratio=config.stability.relative_grad_clip,
+                    )
+        if config.train.grad_clip > 0:
+            record["grad_norm"] = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), config.train.grad_clip
+            )
+
+        if measure["flips"]:
+            for name, layer in self.tracked.items():
+                self.tracker.snapshot_pre_step(
+                    name, layer.weight, layer.weight_format, layer.weight_scale(), grad=layer.weight.grad
+                )
+        self.optimizer.step()
+        if measure["flips"]:
+            for name, layer in self.tracked.items():
+                self.tracker.record_post_step(name, layer.weight, layer.weight_format, layer.weight_scale())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss.detach(), record
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss of the quantized model over ``eval_batches`` fixed validation windows."""
+        self.model.eval()
+        generator = torch.Generator().manual_seed(EVAL_SEED)
+        losses = []
+        for _ in range(self.config.train.eval_batches):
+            x, y = self.data.get_batch(
+                "val", self.config.train.batch_size, self.config.model.block_size, generator
+            )
+            with self._autocast():
+                _, loss = self.model(x.to(self.device), y.to(self.device))
+            losses.append(loss.float())
+        return float(torch.stack(losses).mean())
+
+    # ---- reading the diagnostics (one host sync each) ---------------------------------------------------
+
+    def _quant_record(self) -> dict[str, float]:
+        if not self.layers:
+            return {}
+        names = list(self.layers)
+        stats = torch.stack([self.layers[name].read_stats() for name in names]).cpu()  # layer x kind x field
+        record: dict[str, float] = {}
+        totals = stats[..., 3].clamp(min=1)
+        fractions = {
+            "overflow_frac": stats[..., 0] / totals,
+            "underflow_frac": stats[..., 1] / totals,
+            "nonfinite_frac": stats[..., 2] / totals,
+        }
+        for k, kind in enumerate(("weight", "activation", "grad")):
+            measured = stats[:, k, 3] > 0
+            if not bool(measured.any()):
+                continue
+            for key, values in fractions.items():
+                record[f"quant/{key}/{kind}"] = float(values[measured, k].mean())
+            for i, name in enumerate(names):
+                if bool(measured[i]):
+                    record[f"quant/overflow_frac/{name}/{kind}"] = float(fractions["overflow_frac"][i, k])
+                    record[f"quant/underflow_frac/{name}/{kind}"] = float(fractions["underflow_frac"][i, k])
+        return record
+
+    def _rank_record(self) -> dict[str, float]:
+        ranks = self.rank_monitor.compute_layer_ranks(self.model)
+        record: dict[str, float] = {}
+        for name, values in ranks.items():
+            for metric, value in values.items():
+                record[f"{metric}/{name}"] = value
+        for metric in ("stable_rank", "effective_rank"):
+            values = [v[metric] for v in ranks.values()]
+            if values:
+                record[f"{metric}/mean"] = float(np.mean(values))
+                record[f"{metric}/min"] = float(np.min(values))
+        for warning in self.rank_monitor.check_warnings(ranks):
+            if self.first_rank_warning_step is None:
+                self.first_rank_warning_step = self.step
+            self.logger.event(self.step, "rank_warning", warning)
+        return record
+
+    def _nonfinite_layers(self) -> list[str]:
+        names = [name for name, p in self.model.named_parameters()]
+        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).tolist()
+        return [name for name, ok in zip(names, finite, strict=True) if not ok]
+
+    def _apply_format_shifts(self, record: dict[str, float]) -> None:
+        stall = {
+            name: record[f"stall_ratio/{name}"] for name in self.tracked if f"stall_ratio/{name}" in record
+        }
+        nonfinite = {name: record.get(f"quant/nonfinite_frac/{name}/weight", 0.0) for name in self.tracked}
+        formats = {name: layer.weight_format for name, layer in self.tracked.items()}
+        shifts = self.format_shifts.update(
+            self.step, stall_ratios=stall, nan_counts=nonfinite, formats=formats
+        )
+        for shift in shifts:
+            self.tracked[shift.layer].set_format("weight", shift.to_format)
+            self.tracker.invalidate(shift.layer)  # codes in the old format are not comparable
+            self.shift_events.append(self.logger.event(**shift.to_event()))
+        for notice in self.format_shifts.pop_notices():
+            self.logger.event(**notice.to_event())
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        config = self.config
+        start_step = self.step
+        self.logger.event(
+            self.step,
+            "resume" if start_step else "start",
+            f"{'resumed at' if start_step else 'started'} step {self.step} on {self.device}",
+        )
+        for warning in self.startup_warnings:
+            self.logger.event(self.step, "alert", warning)
+        tokens_per_step = config.train.batch_size * config.model.block_size
+        progress = tqdm(
+            total=config.train.max_steps,
+            initial=self.step,
+            disable=not config.logging.progress,
+            desc=config.name,
+            dynamic_ncols=True,
+        )
+        status, stop_message = "completed", None
+        started = time.perf_counter()
+        window_start, window_steps = time.perf_counter(), 0
+        last_val_loss: float | None = None
+        last_train_loss = math.nan
+        try:
+            while self.step < config.train.max_steps:
+                next_step = self.step + 1
+                last = next_step == config.train.max_steps
+                diagnostics = config.diagnostics
+
+                def due(interval: int, step: int = next_step, last: bool = last) -> bool:
+                    return step % interval == 0 or last
+
+                measure = {
+                    "flips": diagnostics.flips and bool(self.tracked) and due(diagnostics.flip_interval),
+                    "grad_stats": due(diagnostics.grad_stats_interval),
+                    "quant": due(diagnostics.quant_stats_interval),
+                }
+                loss, record = self._train_step(measure)
+                window_steps += 1
+                if not (
+                    due(config.train.log_interval) or measure["flips"] or due(config.train.eval_interval)
+                ):
+                    continue
+                elapsed = time.perf_counter() - window_start
+                record = {"step": self.step, "train_loss": float(loss), **record}
+                last_train_loss = record["train_loss"]
+                if "grad_norm" in record:
+                    record["grad_norm"] = float(record["grad_norm"])
+                record["tokens"] = self.step * tokens_per_step
+                record["tokens_per_s"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
+                record["elapsed_s"] = time.perf_counter() - started
+                window_start, window_steps = time.perf_counter(), 0
+                if measure["flips"]:
+                    record.update(self.tracker.pop_step_metrics())
+                if measure["quant"]:
+                    record.update(self._quant_record())
+                if not math.isfinite(record["train_loss"]) or self._nonfinite_layers():
+                    layers = self._nonfinite_layers()
+                    what = "loss" if not math.isfinite(record["train_loss"]) else "weights"
+                    where = ", ".join(layers) if layers else "none (loss only)"
+                    stop_message = f"non-finite {what} at step {self.step}; non-finite parameters: {where}"
+                    self.logger.log(record)
+                    self.logger.event(self.step, "nan_stop", stop_message, layers=layers)
+                    status = "nan_stop"
+                    break
+                if due(config.train.eval_interval, self.step, last):
+                    last_val_loss = self.evaluate()
+                    record["val_loss"] = last_val_loss
+                    record["val_ppl"] = math.exp(min(last_val_loss, 700.0))
+                    self.best_val_loss = min(self.best_val_loss, last_val_loss)
+                if due(diagnostics.rank_interval, self.step, last):
+                    record.update(self._rank_record())
+                if due(diagnostics.optimizer_stats_interval, self.step, last) and self.tracked:
+                    record.update(
+                        optimizer_statistics(self.optimizer, self.quant_info, self._named_weights())
+                    )
+                if self.format_shifts is not None and measure["flips"]:
+                    self._apply_format_shifts(record)
+                self.logger.log(record)
+                progress.update(self.step - progress.n)
+                progress.set_postfix(
+                    loss=f"{record['train_loss']:.3f}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
+                    stall=f"{record.get('stall_ratio/mean', math.nan):.3f}",
+                )
+                if self.step % config.checkpoint.interval == 0 and not last:
+                    self.save()
+        except BaseException as error:
+            status = "failed"
+            stop_message = f"{type(error).__name__}: {error}"
+            self.logger.event(self.step, "alert", f"run failed: {stop_message}")
+            raise
+        finally:
+            progress.close()
+            self.save()
+            summary = self._summary(status, last_train_loss, last_val_loss, time.perf_counter() - started)
+            self.logger.event(
+                self.step,
+                "end",
+                f"{status} at step {self.step}" + (f": {stop_message}" if stop_message else ""),
+            )
+            self.logger.close()
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _named_weights(self) -> dict[str, nn.Parameter]:
+        return {name: layer.weight for name, layer in self.tracked.items()}
+
+    def _summary(
+        self, status: str, train_loss: float, val_loss: float | None, wall_time: float
+    ) -> dict[str, Any]:
+        flips = self.tracker.get_flip_counts()
+        stalls = self.tracker.get_stall_ratios()
+        metrics = _read_jsonl(self.run_dir / "metrics.jsonl")
+        stable = [r["stable_rank/min"] for r in metrics if "stable_rank/min" in r]
+        effective = [r["effective_rank/min"] for r in metrics if "effective_rank/min" in r]
+        speeds = [r["tokens_per_s"] for r in metrics if "tokens_per_s" in r]
+        nan_stop = status == "nan_stop"
+        return {
+            "name": self.config.name,
+            "status": status,
+            "steps": self.step,
+            "precision": self.precision_used,
+            "quant": (
+                {
+                    "weight": self.config.quant.weight,
+                    "activation": self.config.quant.activation,
+                    "grad": self.config.quant.grad,
+                    "scaling": self.config.quant.scaling,
+                    "rules": len(self.config.quant.rules),
+                }
+                if self.config.quant.enabled
+                else None
+            ),
+            "optimizer": self.config.optimizer.name,
+            "final_train_loss": train_loss,
+            "final_val_loss": val_loss,
+            "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
+            "final_val_ppl": math.exp(min(val_loss, 700.0)) if val_loss is not None else None,
+            "tokens_per_s": float(np.median(speeds)) if speeds else None,
+            "total_flips": int(sum(flips.values())) if flips else None,
+            "mean_stall_ratio": float(np.mean(list(stalls.values()))) if stalls else None,
+            "min_stable_rank": float(min(stable)) if stable else None,
+            "min_effective_rank": float(min(effective)) if effective else None,
+            "first_rank_warning_step": self.first_rank_warning_step,
+            "collapse_step": self.step if nan_stop else None,
+            "collapse_reason": "non-finite loss or weights" if nan_stop else None,
+            "format_shifts": self.shift_events,
+            "wall_time_s": wall_time,
+        }
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                records.append(json.loads(line))
+    return records
+
+
+def _truncate_jsonl_after(path: Path, step: int) -> None:
+    """Keep only the records up to ``step`` (a resume replays the rest)."""
+    kept = [r for r in _read_jsonl(path) if r.get("step", 0) <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
+    """Train one run and return its summary (also written to ``run_dir/summary.json``)."""
+    return Trainer(config, resume=resume).run()
+
+
+def resume(run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` from its latest checkpoint, with its saved config."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"not a run folder (no config.yaml): {run_dir}")
+    from .config import apply_overrides
+
+    data = apply_overrides(yaml.safe_load(config_path.read_text()), overrides or [])
+    data["out_dir"], data["name"] = str(run_dir.parent), run_dir.name
+    return train(config_from_dict(data), resume=True)

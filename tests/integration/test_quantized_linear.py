@@ -1,0 +1,154 @@
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from altgrad.integration import (
+    LayerQuantSpec,
+    QuantizedLinear,
+    QuantPlan,
+    QuantRule,
+    dequantize_model,
+    quantize_model,
+    quantized_layers,
+)
+from altgrad.quantization import E3M4, E4M3, E5M2, quantize
+from altgrad.quantization.scaling import compute_scale
+from altgrad.training.model import GPT, GPTConfig
+
+
+def _layer(spec: LayerQuantSpec, seed: int = 0) -> tuple[nn.Linear, QuantizedLinear]:
+    torch.manual_seed(seed)
+    linear = nn.Linear(16, 8)
+    return linear, QuantizedLinear(linear, spec)
+
+
+def test_forward_is_linear_of_quantized_input_and_weight():
+    linear, layer = _layer(LayerQuantSpec(weight=E4M3, activation=E3M4, scaling="current"))
+    x = torch.randn(4, 16)
+    w_scale = compute_scale(linear.weight.detach().abs().amax(), E4M3)
+    x_scale = compute_scale(x.abs().amax(), E3M4)
+    expected = F.linear(quantize(x, E3M4, x_scale), quantize(linear.weight, E4M3, w_scale), linear.bias)
+    assert torch.equal(layer(x), expected)
+
+
+def test_input_gradient_uses_the_quantized_weight_of_the_forward():
+    linear, layer = _layer(LayerQuantSpec(weight=E4M3, scaling="current"))
+    x = torch.randn(4, 16, requires_grad=True)
+    upstream = torch.randn(4, 8)
+    layer(x).backward(upstream)
+
+    w_q = quantize(linear.weight.detach(), E4M3, compute_scale(linear.weight.detach().abs().amax(), E4M3))
+    reference = nn.Linear(16, 8)
+    reference.weight.data.copy_(w_q)
+    reference.bias.data.copy_(linear.bias.detach())
+    x_ref = x.detach().clone().requires_grad_(True)
+    reference(x_ref).backward(upstream)
+    assert torch.equal(x.grad, x_ref.grad)
+    # straight-through: the weight gradient is that of the quantized forward, passed to the fp32 weight
+    assert torch.equal(linear.weight.grad, reference.weight.grad)
+
+
+def test_output_gradient_is_quantized_in_the_grad_format():
+    linear, layer = _layer(LayerQuantSpec(grad=E5M2, scaling="current"))
+    x = torch.randn(4, 16, requires_grad=True)
+    upstream = torch.randn(4, 8) * 1e-3
+    layer(x).backward(upstream)
+    g_q = quantize(upstream, E5M2, compute_scale(upstream.abs().amax(), E5M2))
+    assert not torch.equal(g_q, upstream)
+    assert torch.allclose(x.grad, g_q @ linear.weight.detach(), rtol=0, atol=1e-7)
+
+
+def test_delayed_scaling_uses_earlier_amax_and_counts_overflow():
+    _, layer = _layer(LayerQuantSpec(activation=E4M3, scaling="delayed"))
+    layer.collect_stats = True
+    layer(torch.full((2, 16), 1.0))  # history: amax 1
+    layer(torch.full((2, 16), 4.0))  # scale from amax 1: 4 / (1 / 448) overflows
+    stats = layer.read_stats()
+    activation = stats[1]
+    assert activation[0].item() == 32  # overflowed elements (second call)
+    assert activation[3].item() == 64  # elements seen
+    assert torch.equal(layer.read_stats(), torch.zeros(3, 4))  # read_stats resets
+
+
+def test_underflow_is_counted():
+    _, layer = _layer(LayerQuantSpec(activation=E4M3, scaling="current"))
+    layer.collect_stats = True
+    x = torch.zeros(1, 16)
+    x[0, 0], x[0, 1] = 1.0, 1e-9  # 1e-9 flushes to zero at the scale set by 1.0
+    layer(x)
+    assert layer.read_stats()[1, 1].item() == 1
+
+
+@pytest.mark.parametrize("scaling", ["per_channel", "mx"])
+def test_other_scalings_run_and_stay_close(scaling):
+    linear, layer = _layer(LayerQuantSpec(weight=E4M3, activation=E4M3, grad=E5M2, scaling=scaling))
+    x = torch.randn(4, 32 if scaling == "mx" else 16)
+    if scaling == "mx":
+        linear, layer = nn.Linear(32, 8), None
+        layer = QuantizedLinear(linear, LayerQuantSpec(weight=E4M3, activation=E4M3, scaling="mx"))
+    y = layer(x)
+    assert torch.allclose(y, linear(x), rtol=0.1, atol=0.1)
+
+
+def _tiny_gpt() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=16, dropout=0.0))
+
+
+def test_quantize_model_rules_match_intended_layers_and_later_rules_win():
+    model = _tiny_gpt()
+    plan = QuantPlan(
+        weight="E4M3",
+        activation="E4M3",
+        grad="E5M2",
+        rules=[
+            QuantRule("*.attn.c_proj", weight="bfloat16", activation="none"),
+            QuantRule("lm_head", weight="none", activation="none", grad="none"),
+            QuantRule("transformer.h.1.attn.c_proj", weight="E3M4"),
+        ],
+    )
+    report = quantize_model(model, plan)
+    layers = quantized_layers(model)
+    assert "lm_head" not in layers and isinstance(model.lm_head, nn.Linear)
+    assert layers["transformer.h.0.attn.c_proj"].spec.weight.name == "bfloat16"
+    assert layers["transformer.h.0.attn.c_proj"].spec.activation is None
+    assert layers["transformer.h.1.attn.c_proj"].spec.weight is E3M4  # the later rule wins
+    assert layers["transformer.h.1.attn.c_proj"].spec.activation is None  # kept from the earlier rule
+    assert layers["transformer.h.0.mlp.c_fc"].spec.weight is E4M3
+    assert report.unmatched_rules == []
+    assert set(layers) == {
+        f"transformer.h.{i}.{m}"
+        for i in range(2)
+        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
+
+
+def test_rule_matching_nothing_warns():
+    with pytest.warns(UserWarning, match="matched no Linear"):
+        report = quantize_model(
+            _tiny_gpt(), QuantPlan(weight="E4M3", rules=[QuantRule("*.nothing", weight="E3M4")])
+        )
+    assert report.unmatched_rules == ["*.nothing"]
+
+
+def test_tied_weights_stay_tied_and_dequantize_restores_linears():
+    model = _tiny_gpt()
+    quantize_model(model, QuantPlan(weight="E4M3", activation="E4M3", grad="E5M2"))
+    assert isinstance(model.lm_head, QuantizedLinear)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    x = torch.randint(11, (2, 8))
+    _, loss = model(x, x)
+    loss.backward()
+    assert model.transformer.wte.weight.grad is not None
+    dequantize_model(model)
+    assert not quantized_layers(model)
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_set_format_switches_the_weight_grid():
+    _, layer = _layer(LayerQuantSpec(weight=E4M3, scaling="current"))
+    layer.set_format("weight", E3M4)
+    assert layer.weight_format is E3M4
+    with pytest.raises(ValueError, match="kind"):
+        layer.set_format("bias", E3M4)

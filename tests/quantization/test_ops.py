@@ -21,6 +21,7 @@ how each comparison maps onto our options:
 from __future__ import annotations
 
 import math
+import os
 
 import gfloat
 import ml_dtypes
@@ -849,6 +850,73 @@ def test_shapes_layouts_and_empty_tensors(monkeypatch):
     assert quantize(torch.empty(0, 3), E4M3).shape == (0, 3)
     assert quantize(torch.tensor(0.3), E4M3).item() == 0.3125
     assert encode(torch.empty(0), E4M3).shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "name", ["E4M3", "E5M2", "E3M4", "bfloat16", "float8_e8m0fnu", "e5m2:subnormals=false"]
+)
+def test_results_do_not_depend_on_chunking(monkeypatch, name):
+    fmt = get_format(name)
+    x = torch.from_numpy(np.tile(probes(fmt), 3))
+    x = x[torch.randperm(len(x), generator=seeded(0))]
+    if not fmt.has_nan:
+        x = x[torch.isfinite(x) & (x > 0 if not fmt.signed else x == x)]
+        x = x[x != 0] if not fmt.has_zero else x
+
+    def everything():
+        out = [encode(x, fmt), encode(x, fmt, scale=torch.full((len(x),), 0.5))]
+        for rounding in ("nearest", "stochastic", "toward_zero"):
+            for policy in policies(fmt):
+                out.append(quantize(x, fmt, rounding=rounding, overflow=policy, generator=seeded(1)))
+                out.append(
+                    quantize(x, fmt, scale=0.75, rounding=rounding, overflow=policy, generator=seeded(1))
+                )
+        return out
+
+    whole = everything()
+    monkeypatch.setattr(ops, "CHUNK_BYTES", 4096)
+    for a, b in zip(whole, everything(), strict=True):
+        assert_same(a.double().numpy(), b.double().numpy(), x.numpy())
+
+
+def test_concurrent_calls_do_not_share_buffers():
+    import threading
+
+    x = [torch.randn(300_000) * (i + 1) for i in range(4)]
+    expected = [quantize(v, E4M3) for v in x]
+    results: dict[int, bool] = {}
+
+    def work(i):
+        results[i] = all(torch.equal(quantize(x[i], E4M3), expected[i]) for _ in range(5))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == {0: True, 1: True, 2: True, 3: True}
+
+
+@pytest.mark.skipif(
+    os.environ.get("ALTGRAD_TEST_COMPILE") != "1",
+    reason="compiles with inductor (slow); ALTGRAD_TEST_COMPILE=1",
+)
+@pytest.mark.parametrize("name", ["E4M3", "E5M2", "E0M7", "float8_e4m3fnuz", "bfloat16"])
+def test_quantize_compiled_matches_quantize(name):
+    from altgrad.quantization.ops import quantize_compiled
+
+    fmt = get_format(name)
+    x = torch.cat([torch.from_numpy(probes(fmt)), torch.randn(10_001) * 100])
+    for rounding in ("nearest", "stochastic", "toward_zero"):
+        for policy in policies(fmt):
+            for scale in (1.0, 0.37, torch.tensor(2.0)):
+                args = {"rounding": rounding, "overflow": policy, "scale": scale}
+                eager = quantize(x, fmt, generator=seeded(2), **args)
+                fused = quantize_compiled(x, fmt, generator=seeded(2), **args)
+                assert_same(fused.numpy(), eager.numpy(), x.numpy())
+    y = (torch.rand(77) * fmt.max_finite / 2).requires_grad_()
+    quantize_compiled(y * 4, fmt, mask_saturated_grad=True).sum().backward()
+    assert torch.equal(y.grad, torch.where(y * 4 > fmt.max_finite, 0.0, 4.0))
 
 
 def test_input_is_not_modified():

@@ -48,8 +48,12 @@ Example::
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
+import sys
+import threading
+import types
 from dataclasses import dataclass
 from typing import Literal
 
@@ -63,8 +67,8 @@ ROUNDING_MODES: tuple[str, ...] = ("nearest", "stochastic", "toward_zero")
 OVERFLOW_POLICIES: tuple[str, ...] = ("saturate", "inf", "nan")
 ScaleLike = float | torch.Tensor
 
-CHUNK_BYTES = 1 << 19
-"""Bytes of working float per CPU chunk: small enough that a chunk and its scratch stay in L2."""
+CHUNK_BYTES = 1 << 21
+"""Bytes of working float per CPU chunk: a chunk and its scratch stay in cache, Python overhead is small."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,10 @@ class _Plan:
     keep_mask: int  # ~(2^(P - M) - 1), sign bit included
     max_finite: float
     overflow_limit: float  # 2^(emax + 1): a finite stand-in for inf that still overflows
+    max_finite_bits: int  # bit pattern of max_finite in the working float
+    scaled_max_finite_bits: int  # ... of max_finite * 2^k
+    inf_bits: int
+    nan_bits: int  # the working float's canonical quiet NaN
 
 
 @functools.cache
@@ -145,6 +153,14 @@ def _plan(fmt: FloatFormat, work: _WorkingFloat) -> _Plan:
         keep_mask=_signed(~((1 << (P - M)) - 1), work.bits),
         max_finite=fmt.max_finite,
         overflow_limit=2.0 ** (top + 1),
+        max_finite_bits=int(torch.tensor(fmt.max_finite, dtype=work.dtype).view(work.int_dtype)),
+        scaled_max_finite_bits=int(
+            torch.tensor(fmt.max_finite * 2.0 ** (work.emin - fmt.emin), dtype=work.dtype).view(
+                work.int_dtype
+            )
+        ),
+        inf_bits=((1 << (work.bits - 1 - P)) - 1) << P,
+        nan_bits=(((1 << (work.bits - 1 - P)) - 1) << P) | (1 << (P - 1)),
     )
 
 
@@ -192,14 +208,14 @@ _COUNTERS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
 def _counter_base(device: torch.device, int_dtype: torch.dtype, n: int) -> torch.Tensor:
-    """``arange(n) * golden`` in the word size (wrapping); cached for the CPU chunk length."""
+    """``arange(n) * golden`` in the word size (wrapping); cached on the CPU for the chunk length."""
     bits = int_dtype.itemsize * 8
     key = (torch.device(device), int_dtype)
     cached = _COUNTERS.get(key)
     if cached is not None and cached.numel() >= n:
         return cached[:n]
     base = torch.arange(n, device=device, dtype=int_dtype).mul_(_signed(_GOLDEN[bits], bits))
-    if device.type == "cpu":
+    if device.type == "cpu" and n <= (1 << 24):
         _COUNTERS[key] = base
     return base
 
@@ -221,19 +237,27 @@ def _draw_keys(generator: torch.Generator | None, device: torch.device, bits: in
     return offset.to(device=device, dtype=int_dtype), multiplier.to(device=device, dtype=int_dtype)
 
 
-def _random_ints(out: torch.Tensor, tmp: torch.Tensor, start: int, keys: tuple, plan: _Plan) -> torch.Tensor:
+def _random_ints(
+    out: torch.Tensor,
+    tmp: torch.Tensor,
+    start: int,
+    keys: tuple,
+    plan: _Plan,
+    base: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Uniform integers in [0, 2^(P - M)) for elements start .. start + len(out), into ``out``.
 
     h = index * golden + offset (a Weyl sequence), h ^= h >> w/2, h *= odd multiplier, then the top
-    P - M bits: multiply-shift hashing with a random odd multiplier.
+    P - M bits: multiply-shift hashing with a random odd multiplier. Depends only on the element's
+    index and the keys, not on how the tensor is cut into chunks.
     """
     bits = plan.work.bits
-    n = out.numel()
     offset, multiplier = keys
-    base = _counter_base(out.device, out.dtype, n)
+    if base is None:
+        base = _counter_base(out.device, out.dtype, out.numel())
     if isinstance(offset, int):
         torch.add(base, _signed(offset + start * _GOLDEN[bits], bits), out=out)
-    else:  # device keys: one chunk only, start == 0
+    else:  # tensor keys: one chunk only, start == 0
         torch.add(base, offset, out=out)
     torch.bitwise_right_shift(out, bits // 2, out=tmp)
     out.bitwise_xor_(tmp)
@@ -243,6 +267,10 @@ def _random_ints(out: torch.Tensor, tmp: torch.Tensor, start: int, keys: tuple, 
 
 
 # ---- the kernels ---------------------------------------------------------------------------------------
+#
+# Each kernel rounds one flat piece ``src`` into ``a`` (working float) using ``scratch`` (working int),
+# with in-place and out= ops only, so that the CPU loop over chunks allocates nothing. ``scale`` is
+# None, a float or a 0-dim tensor; per-channel scales are applied around the kernels.
 
 
 def _load_scaled(dst: torch.Tensor, src: torch.Tensor, divisor: float | torch.Tensor | None) -> torch.Tensor:
@@ -268,6 +296,21 @@ def _finish_sign(a: torch.Tensor, src: torch.Tensor, fmt: FloatFormat, zero: tor
         a.add_(0.0)  # -0 + 0 = +0
 
 
+def _overflow_to_special(
+    a: torch.Tensor, scratch: torch.Tensor, plan: _Plan, overflow: str, max_bits: int | None = None
+) -> None:
+    """Non-negative ``a`` above max_finite becomes inf or NaN, without bool masks (slow on CPUs).
+
+    On bit patterns of non-negative floats, order is integer order: s = clamp(bits - max_bits, 0, 1)
+    is 1 exactly above max_finite, and max(bits, s * special_bits) replaces those (NaN stays NaN).
+    """
+    bits = a.view(scratch.dtype)
+    special = plan.inf_bits if overflow == "inf" else plan.nan_bits
+    max_bits = plan.max_finite_bits if max_bits is None else max_bits
+    step = torch.sub(bits, max_bits, out=scratch).clamp_(0, 1).mul_(special)
+    torch.maximum(bits, step, out=bits)
+
+
 def _nearest_kernel(src, a, scratch, fmt, plan, overflow, scale, multiply_back) -> None:
     if scale is None and src.dtype == a.dtype:
         torch.abs(src, out=a)
@@ -280,7 +323,7 @@ def _nearest_kernel(src, a, scratch, fmt, plan, overflow, scale, multiply_back) 
     if overflow == "saturate":
         a.clamp_(max=plan.max_finite)  # keeps NaN
     else:
-        a.masked_fill_(a > plan.max_finite, math.inf if overflow == "inf" else math.nan)
+        _overflow_to_special(a, scratch, plan, overflow)
     _finish_sign(a, src, fmt, zero)
     if multiply_back and scale is not None:
         a.mul_(scale)
@@ -289,22 +332,25 @@ def _nearest_kernel(src, a, scratch, fmt, plan, overflow, scale, multiply_back) 
 def _toward_zero_kernel(src, a, scratch, fmt, plan, overflow, scale, multiply_back) -> None:
     _load_scaled(a, src, scale).abs_()
     zero = (src == 0) if not fmt.has_zero else None
-    a.clamp_(max=plan.max_finite)  # finite overflow truncates to max_finite (IEEE 754)
+    if overflow == "saturate":
+        a.clamp_(max=plan.max_finite)  # finite overflow truncates to max_finite (IEEE 754); keeps NaN
+    else:  # the same for finite values; +-inf becomes inf or NaN, NaN stays NaN (as bit patterns)
+        bits = a.view(scratch.dtype)
+        special = torch.sub(bits, plan.inf_bits - 1, out=scratch).clamp_(0, 1)  # 1 for inf and NaN
+        special.mul_(bits if overflow == "inf" else plan.nan_bits)
+        torch.maximum(bits.clamp_(max=plan.max_finite_bits), special, out=bits)
     exponent = torch.bitwise_and(a.view(scratch.dtype), plan.exponent_mask, out=scratch)
     spacing = exponent.clamp_(plan.lowest, plan.highest).sub_(plan.spacing_offset).view(a.dtype)
     a.div_(spacing).floor_().mul_(spacing)  # exact: the spacing is a power of two
-    if overflow != "saturate":
-        a.masked_fill_(torch.isinf(src), math.inf if overflow == "inf" else math.nan)
     _finish_sign(a, src, fmt, zero)
     if multiply_back and scale is not None:
         a.mul_(scale)
 
 
-def _stochastic_kernel(src, a, scratch, fmt, plan, overflow, scale, multiply_back, r) -> None:
-    """``r``: the random integers in [0, 2^(P - M)); y = (src / scale) * 2^k goes to ``scratch``."""
-    y = scratch.view(a.dtype)
-    up, down = 2.0**plan.k, 2.0**-plan.k
-    fused = _fused_divisor(scale, plan.k, a.dtype) if isinstance(scale, float) else None
+def _stochastic_kernel(src, a, scratch, fmt, plan, overflow, scale, fused, multiply_back, r) -> None:
+    """``r``: random integers in [0, 2^(P - M)). ``fused``: scale * 2^-k, when that is normal."""
+    y = scratch.view(a.dtype)  # y = (src / scale) * 2^k
+    up = 2.0**plan.k
     if fused is not None:  # x / (scale * 2^-k) == (x / scale) * 2^k exactly
         _load_scaled(y, src, fused)
     elif scale is None and plan.k and src.dtype == y.dtype:
@@ -315,34 +361,29 @@ def _stochastic_kernel(src, a, scratch, fmt, plan, overflow, scale, multiply_bac
             y.mul_(up)
     limit = (plan.max_finite if overflow == "saturate" else plan.overflow_limit) * up
     y.clamp_(-limit, limit)  # keeps NaN (its bits are restored below)
-    a_bits = a.view(scratch.dtype)
-    torch.add(scratch, r, out=a_bits).bitwise_and_(plan.keep_mask)
+    torch.add(scratch, r, out=a.view(scratch.dtype)).bitwise_and_(plan.keep_mask)
     a.add_(y, alpha=0.0)  # NaN in y -> NaN; 0 * y is a zero of y's sign, so -0 stays -0
-    if overflow != "saturate":
-        a.masked_fill_(a.abs() > plan.max_finite * up, math.inf if overflow == "inf" else math.nan)
-        torch.copysign(a, y, out=a)
+    if overflow != "saturate":  # y is no longer needed: its buffer becomes the scratch
+        a.abs_()
+        _overflow_to_special(a, scratch, plan, overflow, plan.scaled_max_finite_bits)
+        torch.copysign(a, src, out=a)
     if not fmt.has_zero or not fmt.signed:
-        zero = (src == 0) if not fmt.has_zero else None
         a.abs_()
         if not fmt.has_zero:
-            a.clamp_(min=fmt.min_subnormal * up)
-            if zero is not None:
-                a.masked_fill_(zero, math.nan)
+            a.clamp_(min=fmt.min_subnormal * up).masked_fill_(src == 0, math.nan)
         if fmt.signed:
-            torch.copysign(a, y, out=a)
+            torch.copysign(a, src, out=a)
         else:
-            a.masked_fill_(y < 0, math.nan)
+            a.masked_fill_(src < 0, math.nan)
     if fmt.signed and not fmt.has_negative_zero:
         a.add_(0.0)
+    if multiply_back and fused is not None:
+        a.mul_(fused)  # (a * 2^-k) * scale in one rounding
+        return
+    if plan.k:
+        a.mul_(2.0**-plan.k)
     if multiply_back and scale is not None:
-        if fused is not None:
-            a.mul_(fused)  # (a * 2^-k) * scale in one rounding
-            return
-        if plan.k:
-            a.mul_(down)
         a.mul_(scale)
-    elif plan.k:
-        a.mul_(down)
 
 
 def _fused_divisor(scale: float, k: int, dtype: torch.dtype) -> float | None:
@@ -351,6 +392,171 @@ def _fused_divisor(scale: float, k: int, dtype: torch.dtype) -> float | None:
     value = rounded * 2.0**-k
     info = torch.finfo(dtype)
     return value if info.tiny <= value <= info.max else None
+
+
+# ---- outputs -------------------------------------------------------------------------------------------
+
+_HUGE_PAGE = 1 << 21
+HUGE_PAGE_MIN_BYTES = 1 << 23
+"""CPU outputs at least this large are advised to use transparent huge pages (Linux; a hint)."""
+
+
+@functools.cache
+def _madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _empty(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A fresh tensor; large CPU ones get MADV_HUGEPAGE before their first touch.
+
+    A fresh 64 MB output costs 16k page faults (tens of ms, more than the arithmetic); with huge
+    pages it costs 32. Memory use is unchanged: the tensor fills whole pages either way.
+    """
+    out = torch.empty(shape, dtype=dtype, device=device)
+    nbytes = out.numel() * out.element_size()
+    if out.device.type == "cpu" and nbytes >= HUGE_PAGE_MIN_BYTES:
+        madvise = _madvise()
+        if madvise is not None:
+            start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+            stop = (out.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+            if stop > start:
+                madvise(start, stop - start, 14)  # MADV_HUGEPAGE; failure only costs speed
+    return out
+
+
+_LOCAL = threading.local()
+
+
+def _chunk_buffer(slot: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Per-thread reusable CPU chunk buffers: fresh ones would page-fault on every call."""
+    if device.type != "cpu" or n * dtype.itemsize > CHUNK_BYTES * 2:
+        return torch.empty(n, dtype=dtype, device=device)
+    cache = getattr(_LOCAL, "buffers", None)
+    if cache is None:
+        cache = _LOCAL.buffers = {}
+    buffer = cache.get(slot)
+    if buffer is None or buffer.numel() * buffer.element_size() < n * dtype.itemsize:
+        buffer = cache[slot] = torch.empty(max(n * dtype.itemsize, CHUNK_BYTES * 2), dtype=torch.uint8)
+    return buffer[: n * dtype.itemsize].view(dtype)
+
+
+# ---- the driver ----------------------------------------------------------------------------------------
+
+
+def _run_piece(
+    src, dst, scratch, randoms, start, fmt, plan, rounding, overflow, scale, fused, multiply_back, keys
+):
+    """Round one flat piece (elements start .. start + len(src) of the whole tensor) into ``dst``."""
+    if rounding == "nearest":
+        _nearest_kernel(src, dst, scratch, fmt, plan, overflow, scale, multiply_back)
+    elif rounding == "toward_zero":
+        _toward_zero_kernel(src, dst, scratch, fmt, plan, overflow, scale, multiply_back)
+    else:
+        r = _random_ints(randoms, scratch, start, keys, plan)
+        _stochastic_kernel(src, dst, scratch, fmt, plan, overflow, scale, fused, multiply_back, r)
+
+
+def _whole_tensor(src, out, fmt, plan, rounding, overflow, scale, fused, multiply_back, keys):
+    """The compiled path: one piece, fresh buffers (the compiler fuses them away), written into ``out``."""
+    work = plan.work
+    n = src.numel()
+    dst = torch.empty(n, dtype=work.dtype, device=src.device)
+    scratch = torch.empty(n, dtype=work.int_dtype, device=src.device)
+    if rounding == "stochastic":
+        randoms = torch.empty(n, dtype=work.int_dtype, device=src.device)
+        hash_tmp = torch.empty(n, dtype=work.int_dtype, device=src.device)
+        base = torch.arange(n, dtype=work.int_dtype, device=src.device) * _signed(
+            _GOLDEN[work.bits], work.bits
+        )
+        r = _random_ints(randoms, hash_tmp, 0, keys, plan, base)
+        _stochastic_kernel(src, dst, scratch, fmt, plan, overflow, scale, fused, multiply_back, r)
+    else:
+        _run_piece(
+            src, dst, scratch, None, 0, fmt, plan, rounding, overflow, scale, fused, multiply_back, keys
+        )
+    out.copy_(dst)
+
+
+_COMPILED: dict[tuple, object] = {}
+
+
+def _as_tensor(value, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """Numbers as 0-dim tensors, so that torch.compile does not specialise (and recompile) on them."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+def _compiled_whole_tensor(key: tuple):
+    """A torch.compile'd ``_whole_tensor`` per static configuration.
+
+    Each configuration gets its own code object, hence its own dynamo cache: the recompile limit
+    (8 per code object) is never shared between formats.
+    """
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        code = _whole_tensor.__code__.replace(co_name=f"_whole_tensor_{len(_COMPILED)}")
+        body = types.FunctionType(code, _whole_tensor.__globals__, code.co_name)
+        compiled = torch.compile(body, dynamic=True)
+        _COMPILED[key] = compiled
+    return compiled
+
+
+def _special_stand_ins(fmt: FloatFormat) -> tuple[float, float]:
+    """Finite values whose codes, read as if they were numbers, are the inf and NaN codes.
+
+    inf: the all-ones exponent field with a zero mantissa; NaN: the format's NaN code (for fnuz,
+    the negative-zero code, i.e. -0.0). Formats without them get 0.
+    """
+    M, E = fmt.mantissa_bits, fmt.exponent_bits
+    width = E + M
+
+    def as_number(code: int) -> float:
+        exponent, mantissa = (code & ((1 << width) - 1)) >> M, code & ((1 << M) - 1)
+        if exponent == 0 and fmt.subnormals:
+            value = math.ldexp(mantissa, fmt.emin - M)
+        else:
+            value = math.ldexp((1 << M) + mantissa, exponent - fmt.bias - M)
+        return -value if fmt.signed and code >> width else value
+
+    inf = as_number(((1 << E) - 1) << M) if fmt.has_inf else 0.0
+    nan = as_number(fmt.encode(math.nan)) if fmt.has_nan else 0.0
+    return inf, nan
+
+
+def _encode_piece(
+    values: torch.Tensor, codes: torch.Tensor, tmp: torch.Tensor, tmp2: torch.Tensor, fmt, plan
+) -> None:
+    """Codes of on-grid ``values`` (working float) into ``codes``, using two working-int temporaries.
+
+    Scaled by 2^k so that the format's smallest normal binade is the working float's, the working
+    float's bit pattern shifted right by P - M is the format's code, subnormals included; inf and
+    NaN are first replaced by finite stand-ins that land on their codes.
+    """
+    if not fmt.subnormals and fmt.mantissa_bits > 0:  # no such alignment: the generic way
+        codes.copy_(_codes_of_grid_values(values, fmt))
+        return
+    work = plan.work
+    k = plan.k if fmt.subnormals else plan.k - 1  # E8M0: 2^emin is code 0, the working float's 2^(emin - 1)
+    inf, nan = _special_stand_ins(fmt)
+    y = tmp.view(values.dtype)
+    torch.nan_to_num(values, nan=nan, posinf=inf, neginf=-inf, out=y)
+    if k:
+        y.mul_(2.0**k)
+    width = fmt.exponent_bits + fmt.mantissa_bits
+    magnitude = torch.bitwise_and(tmp, (1 << (work.bits - 1)) - 1, out=tmp2)
+    magnitude.bitwise_right_shift_(work.mantissa_bits - fmt.mantissa_bits)
+    if fmt.signed:  # the sign bit, moved from bit (bits - 1) to bit ``width``
+        magnitude.bitwise_or_(tmp.bitwise_right_shift_(work.bits - 1 - width).bitwise_and_(1 << width))
+    codes.copy_(magnitude)
 
 
 def _fake_quantize(
@@ -362,55 +568,101 @@ def _fake_quantize(
     generator: torch.Generator | None,
     multiply_back: bool,
     out_dtype: torch.dtype | None = None,
+    compiled: bool = False,
+    codes: bool = False,
 ) -> torch.Tensor:
-    """``Q(x / scale)``, times ``scale`` if ``multiply_back``, in ``out_dtype`` (default: working float)."""
+    """``Q(x / scale)``, times ``scale`` if ``multiply_back``, in ``out_dtype`` (default: working float).
+
+    With ``codes=True``: the integer codes of ``Q(x / scale)`` instead (uint8 or int32); NaN values in
+    a format without a NaN code are reported by a trailing 0-dim bool tensor: ``(codes, any_nan)``.
+    """
     work = _working_float(fmt, x.dtype)
     plan = _plan(fmt, work)
     out_dtype = work.dtype if out_dtype is None else out_dtype
+    src = x.detach()
+    channel_scale = None
     if isinstance(scale, torch.Tensor):
         if scale.numel() == 1:
-            scale = scale.reshape(()).to(device=x.device, dtype=work.dtype)
-        else:  # per-channel: divide up front, quantize at scale 1, multiply back
-            channel_scale = scale.to(device=x.device, dtype=work.dtype)
-            y = x.detach().to(work.dtype) / channel_scale
-            values = _fake_quantize(y, fmt, 1.0, rounding, overflow, generator, False)
-            if multiply_back:
-                values.mul_(channel_scale)
-            return values.to(out_dtype)
+            scale = scale.detach().reshape(()).to(device=x.device, dtype=work.dtype)
+        else:  # per-channel: divide up front, round at scale 1, multiply back
+            channel_scale = scale.detach().to(device=x.device, dtype=work.dtype)
+            src = torch.div(src, channel_scale, out=_empty(x.shape, work.dtype, x.device))
+            scale = None
     elif scale == 1:
         scale = None
     else:
         scale = float(scale)
+    if codes:
+        multiply_back = False
+        out_dtype = torch.uint8 if fmt.total_bits <= 8 else torch.int32
+    fused = None
+    if rounding == "stochastic" and isinstance(scale, float):
+        fused = _fused_divisor(scale, plan.k, work.dtype)
 
-    src = x.detach().contiguous().view(-1)
-    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    src = src.contiguous().view(-1)
+    result_dtype = work.dtype if channel_scale is not None and not codes else out_dtype
+    out = _empty(x.shape, result_dtype, x.device)
     flat_out = out.view(-1)
     n = src.numel()
+    keys = _draw_keys(generator, x.device, work.bits) if rounding == "stochastic" and n else None
+    any_nan = torch.zeros((), dtype=torch.bool, device=x.device) if codes and not fmt.has_nan else None
     if n == 0:
-        return out
-    chunk = n if x.device.type != "cpu" else min(n, max(1, CHUNK_BYTES // work.dtype.itemsize))
-    direct = out_dtype == work.dtype
-    scratch = torch.empty(chunk, dtype=work.int_dtype, device=x.device)
-    buffer = None if direct else torch.empty(chunk, dtype=work.dtype, device=x.device)
-    keys = random_buf = None
-    if rounding == "stochastic":
-        keys = _draw_keys(generator, x.device, work.bits)
-        random_buf = torch.empty(chunk, dtype=work.int_dtype, device=x.device)
-
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        m = stop - start
-        piece, tmp = src[start:stop], scratch[:m]
-        dst = flat_out[start:stop] if direct else buffer[:m]
-        if rounding == "nearest":
-            _nearest_kernel(piece, dst, tmp, fmt, plan, overflow, scale, multiply_back)
-        elif rounding == "toward_zero":
-            _toward_zero_kernel(piece, dst, tmp, fmt, plan, overflow, scale, multiply_back)
-        else:
-            randoms = _random_ints(random_buf[:m], tmp, start, keys, plan)
-            _stochastic_kernel(piece, dst, tmp, fmt, plan, overflow, scale, multiply_back, randoms)
-        if not direct:
-            flat_out[start:stop].copy_(dst)
+        pass
+    elif compiled and not codes and work is _FLOAT32:  # inductor mis-compiles int64 arange * constant
+        static = (
+            fmt,
+            rounding,
+            overflow,
+            src.dtype,
+            result_dtype,
+            scale is None,
+            fused is None,
+            multiply_back,
+        )
+        as_float = lambda v: _as_tensor(v, work.dtype, x.device)  # noqa: E731
+        tensor_keys = None if keys is None else tuple(_as_tensor(k, work.int_dtype, x.device) for k in keys)
+        run = _compiled_whole_tensor(static)
+        run(
+            src,
+            flat_out,
+            fmt,
+            plan,
+            rounding,
+            overflow,
+            as_float(scale),
+            as_float(fused),
+            multiply_back,
+            tensor_keys,
+        )
+    else:
+        chunk = n if x.device.type != "cpu" else min(n, max(1, CHUNK_BYTES // work.dtype.itemsize))
+        direct = result_dtype == work.dtype
+        scratch = _chunk_buffer("scratch", chunk, work.int_dtype, x.device)
+        buffer = None if direct else _chunk_buffer("values", chunk, work.dtype, x.device)
+        randoms = (
+            _chunk_buffer("randoms", chunk, work.int_dtype, x.device) if keys is not None or codes else None
+        )
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            m = stop - start
+            dst = flat_out[start:stop] if direct else buffer[:m]
+            piece_randoms = None if randoms is None else randoms[:m]
+            _run_piece(
+                src[start:stop], dst, scratch[:m], piece_randoms, start,
+                fmt, plan, rounding, overflow, scale, fused, multiply_back, keys,
+            )  # fmt: skip
+            if codes:
+                if any_nan is not None:  # amax propagates NaN (and is much faster than isnan)
+                    any_nan |= torch.isnan(dst.amax())
+                _encode_piece(dst, flat_out[start:stop], scratch[:m], piece_randoms, fmt, plan)
+            elif not direct:
+                flat_out[start:stop].copy_(dst)
+    if codes:
+        return out, any_nan
+    if channel_scale is not None:
+        if multiply_back:
+            out.mul_(channel_scale)
+        out = out.to(out_dtype)
     return out
 
 
@@ -434,15 +686,24 @@ def _saturated(x: torch.Tensor, fmt: FloatFormat, scale: ScaleLike) -> torch.Ten
 
 class _QuantizeSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, fmt, scale, rounding, overflow, generator, mask_saturated_grad):  # type: ignore[override]
-        values = _fake_quantize(x, fmt, scale, rounding, overflow, generator, True, x.dtype)
+    def forward(ctx, x, fmt, scale, rounding, overflow, generator, mask_saturated_grad, compiled):  # type: ignore[override]
+        values = _fake_quantize(x, fmt, scale, rounding, overflow, generator, True, x.dtype, compiled)
         ctx.mask = _saturated(x.detach(), fmt, scale) if mask_saturated_grad else None
         return values
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         grad = grad_output if ctx.mask is None else grad_output.masked_fill(ctx.mask, 0.0)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
+
+
+def _prepare(x, format, scale, rounding, overflow) -> tuple[FloatFormat, str]:
+    fmt = get_format(format)
+    overflow = _check_options(fmt, rounding, overflow)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"x: expected a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    _check_scale(scale, x.shape)
+    return fmt, overflow
 
 
 def quantize(
@@ -458,12 +719,29 @@ def quantize(
 
     ``scale`` is a positive float or a tensor broadcastable to x (per-tensor or per-channel).
     """
-    fmt = get_format(format)
-    overflow = _check_options(fmt, rounding, overflow)
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise ValueError(f"x: quantize needs a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
-    _check_scale(scale, x.shape)
-    return _QuantizeSTE.apply(x, fmt, scale, rounding, overflow, generator, mask_saturated_grad)
+    fmt, overflow = _prepare(x, format, scale, rounding, overflow)
+    return _QuantizeSTE.apply(x, fmt, scale, rounding, overflow, generator, mask_saturated_grad, False)
+
+
+def quantize_compiled(
+    x: torch.Tensor,
+    format: str | FloatFormat,
+    scale: ScaleLike = 1.0,
+    rounding: Rounding = "nearest",
+    overflow: Overflow | None = None,
+    generator: torch.Generator | None = None,
+    mask_saturated_grad: bool = False,
+) -> torch.Tensor:
+    """``quantize`` through ``torch.compile``: the same results bit for bit, one fused pass.
+
+    Optional: it needs a working inductor backend (a C++ compiler on the CPU, triton on CUDA). The
+    first call for each format and option set compiles (seconds to tens of seconds on a small CPU);
+    shapes are dynamic, so new sizes do not recompile, and float scales are passed as tensors (no
+    recompiles either). Formats and inputs that need float64 arithmetic (bfloat16, E8M0, float64
+    inputs) run the eager kernels: inductor mis-compiles their int64 random-number hash.
+    """
+    fmt, overflow = _prepare(x, format, scale, rounding, overflow)
+    return _QuantizeSTE.apply(x, fmt, scale, rounding, overflow, generator, mask_saturated_grad, True)
 
 
 def encode(
@@ -481,16 +759,12 @@ def encode(
     the overflow policy) raises ``ValueError`` for a format without a NaN code; ``check_nan=False``
     skips that check (it costs a host sync) and gives such elements an unspecified code.
     """
-    fmt = get_format(format)
-    overflow = _check_options(fmt, rounding, overflow)
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise ValueError(f"x: encode needs a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
-    _check_scale(scale, x.shape)
+    fmt, overflow = _prepare(x, format, scale, rounding, overflow)
     with torch.no_grad():
-        values = _quantize_values(x.detach(), fmt, scale, rounding, overflow, generator)
-    if check_nan and not fmt.has_nan and bool(torch.isnan(values).any()):
+        codes, any_nan = _fake_quantize(x, fmt, scale, rounding, overflow, generator, False, codes=True)
+    if check_nan and any_nan is not None and bool(any_nan):
         raise ValueError(f"x: NaN has no code in {fmt.name} (specials={fmt.specials!r})")
-    return _codes_of_grid_values(values, fmt)
+    return codes
 
 
 def _codes_of_grid_values(values: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:

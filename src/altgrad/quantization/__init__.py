@@ -29,8 +29,9 @@ from .formats import (
     FP8Format,
     get_format,
 )
-from .ops import decode, dequantize, encode, quantize
+from .ops import decode, dequantize, encode, quantize, quantize_compiled
 from .rank_health import RankHealthMonitor, RankTrendDetector, compute_effective_rank, compute_stable_rank
+from .scaling import AmaxHistory, compute_scale, mx_block_scale, mx_quantize, per_channel_scale
 
 __all__ = [
     "BFLOAT16", "E0M7", "E1M6", "E2M5", "E3M4", "E4M3", "E5M2", "E6M1", "E7M0", "FLOAT4_E2M1FN",
@@ -40,4 +41,5 @@ __all__ = [
     "compute_flip_rate", "compute_stall_ratio", "WeightFlipTracker", "attach_flip_tracker",
     "BitStallDetector", "grid_spacing", "compute_stable_rank", "compute_effective_rank",
     "RankTrendDetector", "RankHealthMonitor",
+    "quantize_compiled", "AmaxHistory", "compute_scale", "per_channel_scale", "mx_block_scale", "mx_quantize",
 ]  # fmt: skip

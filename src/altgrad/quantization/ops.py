@@ -40,10 +40,12 @@ Example::
     >>> import torch
     >>> from altgrad.quantization import quantize, encode, decode, E4M3
     >>> x = torch.tensor([0.3, 500.0, -0.0])
-    >>> quantize(x, E4M3)
-    tensor([ 0.3125, 448.0000,  -0.0000])
-    >>> decode(encode(x, E4M3), E4M3)
-    tensor([ 0.3125, 448.0000,  -0.0000])
+    >>> quantize(x, E4M3).tolist()
+    [0.3125, 448.0, -0.0]
+    >>> encode(x, E4M3).tolist()
+    [42, 126, 128]
+    >>> decode(encode(x, E4M3), E4M3).tolist()
+    [0.3125, 448.0, -0.0]
 """
 
 from __future__ import annotations

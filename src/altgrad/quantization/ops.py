@@ -11,11 +11,12 @@ Rounding (``rounding=``):
 * ``"nearest"``: to the nearest grid value, ties to the even integral significand. For M >= 1 this
   is the even code (IEEE roundTiesToEven); for M = 0 formats (E7M0, E8M0) a tie between 2^e and
   2^(e+1) goes up, as in ml_dtypes and torch (gfloat picks the even code instead).
-* ``"stochastic"``: up (away from zero) with probability (|y| - low) / (high - low), resolved to
-  2^-(P - M) where P is the working float's mantissa width (23 or 52) -- exact for every input in
-  the format's normal range. The random bits come from a counter-based hash keyed by two numbers
-  drawn from ``generator`` (or the default generator of x's device): the same generator state gives
-  the same result, on any device and for any chunking.
+* ``"stochastic"``: away from zero with probability (|y| - low) / (high - low), to a resolution
+  of 2^-(P - M), P being the working float's mantissa width (23 or 52): exact for inputs in the
+  format's normal range; below it, the distance is first rounded to that resolution. The random
+  bits come from a counter-based hash of each element's index, keyed by two numbers drawn from
+  ``generator`` (or the default generator of x's device): the same generator state gives the same
+  result however the tensor is chunked, and the hash is the same on every device.
 * ``"toward_zero"``: truncation. As in IEEE 754, a finite value never rounds to +-inf or NaN this
   way: finite overflow gives +-max_finite whatever the overflow policy.
 
@@ -34,6 +35,9 @@ format maps negative values to NaN (both as ml_dtypes does).
 
 The gradient is straight-through; ``mask_saturated_grad=True`` zeroes it where |x / scale|
 exceeded max_finite.
+
+``quantize_compiled`` has the same signature and gives the same results bit for bit, through
+``torch.compile`` (one fused pass; optional, it needs a working inductor backend).
 
 Example::
 

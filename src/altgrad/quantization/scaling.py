@@ -103,8 +103,8 @@ class AmaxHistory:
                 value = value.abs().amax()
             value = value.reshape(())
             if value.device != self._history.device:
-                if self._count == 0:  # follow the data to its device
-                    self._history = self._history.to(value.device)
+                if self._count == 0:  # follow the data to its device (a fresh buffer: no copy)
+                    self._history = torch.zeros(self.length, dtype=torch.float32, device=value.device)
                 else:
                     value = value.to(self._history.device)
             self._history[self._position].copy_(value)

@@ -159,29 +159,37 @@ class Trainer:
         return layer.weight_format, layer.weight_scale()
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW-style groups: weight decay only on 2+-dim weights (each shared Parameter once)."""
+        """Groups: quantized weights (lr in the optimizer's own unit), other 2+-dim weights and the
+        rest (lr in weight units, ``train.lr``); weight decay only on 2+-dim weights. A shared
+        Parameter appears once. Each group's peak lr is kept as ``initial_lr`` for the schedule."""
+        config = self.config
         params = list(dict.fromkeys(p for p in self.model.parameters() if p.requires_grad))
+        quantized = [p for p in params if id(p) in self.layer_of_param]
+        plain_matrices = [p for p in params if p.dim() >= 2 and id(p) not in self.layer_of_param]
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.config.train.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {"params": quantized, "weight_decay": config.train.weight_decay, "lr": config.optimizer_lr},
+            {"params": plain_matrices, "weight_decay": config.train.weight_decay, "lr": config.train.lr},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": config.train.lr},
         ]
-        options = self.config.optimizer
+        groups = [group | {"initial_lr": group["lr"]} for group in groups if group["params"]]
+        options = config.optimizer
         storage = get_format(options.weight_storage) if options.weight_storage not in (None, "none") else None
         return build_optimizer(
             options.name,
             groups,
-            lr=self.config.optimizer_lr,
+            lr=config.optimizer_lr,
             betas=options.betas,
             eps=options.eps,
-            weight_decay=self.config.train.weight_decay,
+            weight_decay=config.train.weight_decay,
             quant_info=self.quant_info,
             momentum=options.momentum,
             mode=options.manifold_mode,
             rung_clip=options.rung_clip,
+            fallback_lr=config.train.lr,
             weight_storage=storage,
             storage_rounding=options.storage_rounding,
             kahan=options.kahan,
-            seed=self.config.seed,
+            seed=config.seed,
         )
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
@@ -244,17 +252,20 @@ class Trainer:
 
     def _train_step(self, measure: dict[str, bool]) -> tuple[torch.Tensor, dict[str, Any]]:
         config, record = self.config, {}
-        # the schedule's shape comes from train.lr/min_lr; its height is the optimizer's own lr
-        unit = config.optimizer_lr / config.train.lr
-        lr = unit * cosine_with_warmup(
-            self.step + 1,
-            config.train.lr,
-            config.train.min_lr,
-            config.train.warmup_steps,
-            config.train.max_steps,
+        # the schedule's shape comes from train.lr/min_lr; each group's height is its initial_lr
+        factor = (
+            cosine_with_warmup(
+                self.step + 1,
+                config.train.lr,
+                config.train.min_lr,
+                config.train.warmup_steps,
+                config.train.max_steps,
+            )
+            / config.train.lr
         )
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = group["initial_lr"] * factor
+        lr = config.optimizer_lr * factor
         record["lr"] = lr
         for layer in self.layers.values():
             layer.collect_stats = measure["quant"]

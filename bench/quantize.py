@@ -9,7 +9,7 @@ stochastic time over the median nearest time of the same format.
 Variants: torch native E4M3 round trip; ml_dtypes' ``astype(float8_e4m3fn).astype(float32)``;
 ``quantize`` with rounding nearest and stochastic for E4M3, E5M2, E3M4, E7M0; with ``--compile``
 also ``quantize_compiled`` (torch.compile) for E4M3 nearest and stochastic, after checking that it
-agrees with ``quantize`` bit for bit.
+agrees with ``quantize`` bit for bit (on the CPU its stochastic rounding runs the eager kernels).
 
 Prints a table, writes ``bench/results/quantize.json``.
 

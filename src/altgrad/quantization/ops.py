@@ -565,6 +565,11 @@ def _encode_piece(
     codes.copy_(magnitude)
 
 
+def _compiles(work: _WorkingFloat, rounding: str, device: torch.device) -> bool:
+    """Where quantize_compiled really compiles (see its docstring for the exceptions)."""
+    return work is _FLOAT32 and not (rounding == "stochastic" and device.type == "cpu")
+
+
 def _fake_quantize(
     x: torch.Tensor,
     fmt: FloatFormat,
@@ -614,7 +619,7 @@ def _fake_quantize(
     any_nan = torch.zeros((), dtype=torch.bool, device=x.device) if codes and not fmt.has_nan else None
     if n == 0:
         pass
-    elif compiled and not codes and work is _FLOAT32:  # inductor mis-compiles int64 arange * constant
+    elif compiled and _compiles(work, rounding, x.device) and not codes:
         static = (
             fmt,
             rounding,
@@ -743,8 +748,10 @@ def quantize_compiled(
     Optional: it needs a working inductor backend (a C++ compiler on the CPU, triton on CUDA). The
     first call for each format and option set compiles (seconds to tens of seconds on a small CPU);
     shapes are dynamic, so new sizes do not recompile, and float scales are passed as tensors (no
-    recompiles either). Formats and inputs that need float64 arithmetic (bfloat16, E8M0, float64
-    inputs) run the eager kernels: inductor mis-compiles their int64 random-number hash.
+    recompiles either). Some cases run the eager kernels instead (same results): formats and inputs
+    that need float64 arithmetic (bfloat16, E8M0, float64 inputs), because inductor mis-compiles
+    their int64 random-number hash (torch 2.13); and stochastic rounding on the CPU, where inductor
+    turns the bit-level hash into scalar loops that are slower than the eager kernels.
     """
     fmt, overflow = _prepare(x, format, scale, rounding, overflow)
     return _QuantizeSTE.apply(x, fmt, scale, rounding, overflow, generator, mask_saturated_grad, True)

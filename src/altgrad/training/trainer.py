@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
+import yaml
 from tqdm.auto import tqdm
 
 from altgrad.integration import QuantizedLinear, QuantPlan, QuantRule, quantize_model, quantized_layers
@@ -45,7 +45,7 @@ from altgrad.quantization.rank_health import RankHealthMonitor
 from altgrad.quantization.stability import FormatShiftController, relative_grad_clip
 
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import RunConfig, config_from_dict, save_config
+from .config import RunConfig, apply_overrides, config_from_dict, save_config
 from .data import BatchSampler, load_data
 from .loggers import MetricsLogger
 from .metrics import compute_gradient_stats
@@ -359,10 +359,17 @@ class Trainer:
             if values:
                 record[f"{metric}/mean"] = float(np.mean(values))
                 record[f"{metric}/min"] = float(np.min(values))
-        for warning in self.rank_monitor.check_warnings(ranks):
+        self.rank_monitor.check_warnings(ranks)
+        for warning in self.rank_monitor.last_warnings:
             if self.first_rank_warning_step is None:
                 self.first_rank_warning_step = self.step
-            self.logger.event(self.step, "rank_warning", warning)
+            self.logger.event(
+                self.step,
+                "rank_warning",
+                warning["message"],
+                layer=warning["layer"],
+                metric=warning["metric"],
+            )
         return record
 
     def _nonfinite_layers(self) -> list[str]:
@@ -385,6 +392,10 @@ class Trainer:
             self.shift_events.append(self.logger.event(**shift.to_event()))
         for notice in self.format_shifts.pop_notices():
             self.logger.event(**notice.to_event())
+
+    def _due(self, interval: int, step: int) -> bool:
+        """Whether a periodic measurement falls on ``step`` (always on the last step)."""
+        return step % interval == 0 or step == self.config.train.max_steps
 
     # ---- the loop ------------------------------------------------------------------------------------------
 
@@ -411,32 +422,31 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         last_val_loss: float | None = None
         last_train_loss = math.nan
+        diagnostics = config.diagnostics
         try:
             while self.step < config.train.max_steps:
-                next_step = self.step + 1
-                last = next_step == config.train.max_steps
-                diagnostics = config.diagnostics
-
-                def due(interval: int, step: int = next_step, last: bool = last) -> bool:
-                    return step % interval == 0 or last
-
+                step = self.step + 1
                 measure = {
-                    "flips": diagnostics.flips and bool(self.tracked) and due(diagnostics.flip_interval),
-                    "grad_stats": due(diagnostics.grad_stats_interval),
-                    "quant": due(diagnostics.quant_stats_interval),
+                    "flips": diagnostics.flips
+                    and bool(self.tracked)
+                    and self._due(diagnostics.flip_interval, step),
+                    "grad_stats": self._due(diagnostics.grad_stats_interval, step),
+                    "quant": self._due(diagnostics.quant_stats_interval, step),
                 }
                 loss, record = self._train_step(measure)
                 window_steps += 1
-                if not (
-                    due(config.train.log_interval) or measure["flips"] or due(config.train.eval_interval)
-                ):
+                logged = measure["flips"] or any(
+                    self._due(interval, step)
+                    for interval in (config.train.log_interval, config.train.eval_interval)
+                )
+                if not logged:
                     continue
                 elapsed = time.perf_counter() - window_start
-                record = {"step": self.step, "train_loss": float(loss), **record}
+                record = {"step": step, "train_loss": float(loss), **record}
                 last_train_loss = record["train_loss"]
                 if "grad_norm" in record:
                     record["grad_norm"] = float(record["grad_norm"])
-                record["tokens"] = self.step * tokens_per_step
+                record["tokens"] = step * tokens_per_step
                 record["tokens_per_s"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
                 record["elapsed_s"] = time.perf_counter() - started
                 window_start, window_steps = time.perf_counter(), 0
@@ -444,26 +454,25 @@ class Trainer:
                     record.update(self.tracker.pop_step_metrics())
                 if measure["quant"]:
                     record.update(self._quant_record())
-                if not math.isfinite(record["train_loss"]) or self._nonfinite_layers():
-                    layers = self._nonfinite_layers()
+                nonfinite = self._nonfinite_layers()
+                if not math.isfinite(record["train_loss"]) or nonfinite:
                     what = "loss" if not math.isfinite(record["train_loss"]) else "weights"
-                    where = ", ".join(layers) if layers else "none (loss only)"
-                    stop_message = f"non-finite {what} at step {self.step}; non-finite parameters: {where}"
+                    where = ", ".join(nonfinite) if nonfinite else "none (loss only)"
+                    stop_message = f"non-finite {what} at step {step}; non-finite parameters: {where}"
                     self.logger.log(record)
-                    self.logger.event(self.step, "nan_stop", stop_message, layers=layers)
+                    self.logger.event(step, "nan_stop", stop_message, layers=nonfinite)
                     status = "nan_stop"
                     break
-                if due(config.train.eval_interval, self.step, last):
+                if self._due(config.train.eval_interval, step):
                     last_val_loss = self.evaluate()
                     record["val_loss"] = last_val_loss
                     record["val_ppl"] = math.exp(min(last_val_loss, 700.0))
                     self.best_val_loss = min(self.best_val_loss, last_val_loss)
-                if due(diagnostics.rank_interval, self.step, last):
+                if self._due(diagnostics.rank_interval, step):
                     record.update(self._rank_record())
-                if due(diagnostics.optimizer_stats_interval, self.step, last) and self.tracked:
-                    record.update(
-                        optimizer_statistics(self.optimizer, self.quant_info, self._named_weights())
-                    )
+                if self._due(diagnostics.optimizer_stats_interval, step) and self.tracked:
+                    weights = {name: layer.weight for name, layer in self.tracked.items()}
+                    record.update(optimizer_statistics(self.optimizer, self.quant_info, weights))
                 if self.format_shifts is not None and measure["flips"]:
                     self._apply_format_shifts(record)
                 self.logger.log(record)
@@ -473,7 +482,7 @@ class Trainer:
                     tok_s=f"{record['tokens_per_s']:.0f}",
                     stall=f"{record.get('stall_ratio/mean', math.nan):.3f}",
                 )
-                if self.step % config.checkpoint.interval == 0 and not last:
+                if self.step % config.checkpoint.interval == 0 and self.step < config.train.max_steps:
                     self.save()
         except BaseException as error:
             status = "failed"
@@ -492,9 +501,6 @@ class Trainer:
             self.logger.close()
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
-
-    def _named_weights(self) -> dict[str, nn.Parameter]:
-        return {name: layer.weight for name, layer in self.tracked.items()}
 
     def _summary(
         self, status: str, train_loss: float, val_loss: float | None, wall_time: float
@@ -562,14 +568,10 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
 
 def resume(run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Continue the run in ``run_dir`` from its latest checkpoint, with its saved config."""
-    import yaml
-
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"not a run folder (no config.yaml): {run_dir}")
-    from .config import apply_overrides
-
     data = apply_overrides(yaml.safe_load(config_path.read_text()), overrides or [])
     data["out_dir"], data["name"] = str(run_dir.parent), run_dir.name
     return train(config_from_dict(data), resume=True)

@@ -66,7 +66,9 @@ class FloatFormat:
         if self.exponent_bits + self.mantissa_bits < 1:
             raise ValueError("exponent_bits: exponent_bits + mantissa_bits must be at least 1")
         if self.total_bits > MAX_TOTAL_BITS:
-            raise ValueError(f"exponent_bits: {self.total_bits} bits in all, at most {MAX_TOTAL_BITS} allowed")
+            raise ValueError(
+                f"exponent_bits: {self.total_bits} bits in all, at most {MAX_TOTAL_BITS} allowed"
+            )
         if self.specials not in SPECIAL_VALUE_POLICIES:
             raise ValueError(f"specials: {self.specials!r} is not one of {SPECIAL_VALUE_POLICIES}")
         if self.specials == "ieee" and self.exponent_bits < 2:
@@ -136,7 +138,7 @@ class FloatFormat:
 
     # ---- the decoded table ------------------------------------------------------------------------
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019 - formats are few, immutable and live forever
+    @functools.cache  # noqa: B019 - formats are few, immutable and live forever
     def values(self) -> torch.Tensor:
         """The decoded value of every code, ordered by code (float64; NaN and +-inf where specified)."""
         return torch.tensor([self.decode(code) for code in range(self.num_codes)], dtype=torch.float64)
@@ -290,7 +292,8 @@ def _parse_custom(spec: str) -> FloatFormat:
         key, _, raw = item.partition("=")
         key = key.strip().lower()
         if key not in _CUSTOM_KEYS or not raw:
-            raise ValueError(f"format spec {spec!r}: unknown option {item!r}; allowed: {', '.join(_CUSTOM_KEYS)}")
+            allowed = ", ".join(_CUSTOM_KEYS)
+            raise ValueError(f"format spec {spec!r}: unknown option {item!r}; allowed: {allowed}")
         raw = raw.strip()
         if key == "bias":
             try:

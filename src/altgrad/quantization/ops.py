@@ -677,18 +677,6 @@ def _fake_quantize(
     return out
 
 
-def _quantize_values(
-    x: torch.Tensor,
-    fmt: FloatFormat,
-    scale: ScaleLike,
-    rounding: str,
-    overflow: str,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """Q(x / scale) in the working float (not multiplied back by scale)."""
-    return _fake_quantize(x, fmt, scale, rounding, overflow, generator, multiply_back=False)
-
-
 def _saturated(x: torch.Tensor, fmt: FloatFormat, scale: ScaleLike) -> torch.Tensor:
     if isinstance(scale, torch.Tensor):
         scale = scale.to(device=x.device)

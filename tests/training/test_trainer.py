@@ -189,3 +189,19 @@ def test_tensorboard_and_wandb_sinks_log_the_same_steps(tmp_path, monkeypatch):
     tensorboard_steps = [event.step for event in events.Scalars("train_loss")]
     jsonl_steps = [r["step"] for r in read_jsonl(config.run_dir / "metrics.jsonl")]
     assert tensorboard_steps == jsonl_steps == logged == list(range(1, 7))
+
+
+def test_stability_interventions_are_recorded(tmp_path):
+    config = tiny_config(
+        tmp_path, "name=stability", "train.max_steps=8", "stability.relative_grad_clip=1e-6",
+        "stability.format_shift=true", "stability.shift_patience=2", "stability.shift_warmup_steps=0",
+        "stability.shift_stall_threshold=0.01",
+    )  # fmt: skip
+    summary = train(config)
+    events = read_jsonl(config.run_dir / "events.jsonl")
+    kinds = {e["kind"] for e in events}
+    assert {"partition_clip", "format_shift"} <= kinds
+    shift = next(e for e in events if e["kind"] == "format_shift")
+    assert shift["from"] == "E4M3" and shift["to"] == "E3M4" and shift["step"] >= 2
+    assert summary["format_shifts"] and summary["format_shifts"][0]["layer"] == shift["layer"]
+    assert all(count >= 1 for count in summary["partition_clip_steps"].values())

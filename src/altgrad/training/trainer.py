@@ -42,7 +42,7 @@ from altgrad.integration import QuantizedLinear, QuantPlan, QuantRule, quantize_
 from altgrad.quantization.flip_metrics import WeightFlipTracker
 from altgrad.quantization.formats import get_format
 from altgrad.quantization.rank_health import RankHealthMonitor
-from altgrad.quantization.stability import FormatShiftController, relative_grad_clip
+from altgrad.quantization.stability import FormatShiftController, PartitionRelativeClipper
 
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, apply_overrides, config_from_dict, save_config
@@ -130,6 +130,9 @@ class Trainer:
             if stability.format_shift
             else None
         )
+        ratio = stability.relative_grad_clip
+        self.clipper = PartitionRelativeClipper(ratio) if ratio is not None else None
+        self.last_clip = None
         self.step = 0
         self.best_val_loss = math.inf
         self.first_rank_warning_step: int | None = None
@@ -204,6 +207,7 @@ class Trainer:
             "tracker": self.tracker.state_dict(),
             "rank_monitor": self.rank_monitor.state_dict(),
             "format_shifts": self.format_shifts.state_dict() if self.format_shifts else None,
+            "clipper": self.clipper.state_dict() if self.clipper else None,
             "sampler": self.sampler.state_dict(),
             "rng": rng_state(),
             "tokenizer": self.data.tokenizer.state(),
@@ -229,6 +233,8 @@ class Trainer:
         self.rank_monitor.load_state_dict(state["rank_monitor"])
         if self.format_shifts and state["format_shifts"]:
             self.format_shifts.load_state_dict(state["format_shifts"])
+        if self.clipper and state["clipper"]:
+            self.clipper.load_state_dict(state["clipper"])
         self.sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         self.step = state["step"]
@@ -280,15 +286,13 @@ class Trainer:
 
         if measure["grad_stats"]:
             record.update(compute_gradient_stats(self.model))
-        if config.stability.relative_grad_clip is not None:
-            for layer in self.tracked.values():
-                if layer.weight.grad is not None:
-                    relative_grad_clip(
-                        layer.weight.grad,
-                        layer.weight_format,
-                        layer.weight_scale(),
-                        ratio=config.stability.relative_grad_clip,
-                    )
+        if self.clipper is not None:
+            grads = {
+                name: (layer.weight.grad, layer.weight_format, layer.weight_scale())
+                for name, layer in self.tracked.items()
+                if layer.weight.grad is not None
+            }
+            self.last_clip = self.clipper.clip_(grads, step=self.step + 1)
         if config.train.grad_clip > 0:
             record["grad_norm"] = torch.nn.utils.clip_grad_norm_(
                 self.model.parameters(), config.train.grad_clip
@@ -475,6 +479,8 @@ class Trainer:
                     record.update(optimizer_statistics(self.optimizer, self.quant_info, weights))
                 if self.format_shifts is not None and measure["flips"]:
                     self._apply_format_shifts(record)
+                if self.last_clip is not None and (clip_event := self.last_clip.to_event()) is not None:
+                    self.logger.event(**clip_event)
                 self.logger.log(record)
                 progress.update(self.step - progress.n)
                 progress.set_postfix(
@@ -542,6 +548,7 @@ class Trainer:
             "collapse_step": self.step if nan_stop else None,
             "collapse_reason": "non-finite loss or weights" if nan_stop else None,
             "format_shifts": self.shift_events,
+            "partition_clip_steps": self.clipper.summary() if self.clipper else None,
             "wall_time_s": wall_time,
         }
 

@@ -13,7 +13,7 @@ from altgrad.integration import (
     quantized_layers,
 )
 from altgrad.quantization import E3M4, E4M3, E5M2, quantize
-from altgrad.quantization.scaling import compute_scale
+from altgrad.quantization.scaling import compute_scale, mx_block_scale, mx_quantize
 from altgrad.training.model import GPT, GPTConfig
 
 
@@ -82,13 +82,27 @@ def test_underflow_is_counted():
 
 @pytest.mark.parametrize("scaling", ["per_channel", "mx"])
 def test_other_scalings_run_and_stay_close(scaling):
-    linear, layer = _layer(LayerQuantSpec(weight=E4M3, activation=E4M3, grad=E5M2, scaling=scaling))
-    x = torch.randn(4, 32 if scaling == "mx" else 16)
-    if scaling == "mx":
-        linear, layer = nn.Linear(32, 8), None
-        layer = QuantizedLinear(linear, LayerQuantSpec(weight=E4M3, activation=E4M3, scaling="mx"))
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 40)  # 40 outputs: the MX gradient blocks do not divide evenly
+    layer = QuantizedLinear(linear, LayerQuantSpec(weight=E4M3, activation=E4M3, grad=E5M2, scaling=scaling))
+    x = torch.randn(4, 64, requires_grad=True)
     y = layer(x)
     assert torch.allclose(y, linear(x), rtol=0.1, atol=0.1)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert layer.weight_scale().shape in {torch.Size([40, 1]), torch.Size([40, 64])}
+
+
+def test_mx_weight_uses_its_block_scales():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 8, bias=False)
+    layer = QuantizedLinear(linear, LayerQuantSpec(weight=E4M3, scaling="mx"))
+    w_q = layer(torch.eye(64))  # = W_q^T
+    expected, _ = mx_quantize(linear.weight.detach(), E4M3)
+    assert torch.equal(w_q.T, expected)
+    scale = layer.weight_scale()
+    assert scale.shape == linear.weight.shape
+    assert torch.equal(scale[:, :32], mx_block_scale(linear.weight.detach(), E4M3)[:, :1].expand(8, 32))
 
 
 def _tiny_gpt() -> GPT:

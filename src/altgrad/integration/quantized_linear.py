@@ -35,12 +35,18 @@ import torch.nn.functional as F
 
 from altgrad.quantization.formats import FloatFormat
 from altgrad.quantization.ops import quantize
-from altgrad.quantization.scaling import AmaxHistory, compute_scale, mx_quantize, per_channel_scale
+from altgrad.quantization.scaling import (
+    AmaxHistory,
+    compute_scale,
+    mx_block_scale,
+    mx_quantize,
+    per_channel_scale,
+)
 
 TENSOR_KINDS: tuple[str, ...] = ("weight", "activation", "grad")
 SCALING_MODES: tuple[str, ...] = ("delayed", "current", "per_channel", "mx")
 ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
-_OVERFLOW, _UNDERFLOW, _NONFINITE, _TOTAL = range(4)
+MX_BLOCK_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -84,33 +90,40 @@ class _TensorQuantizer(nn.Module):
     def format(self) -> FloatFormat | None:
         return self.spec.format_of(self.kind)
 
-    def scale_for(self, x: torch.Tensor) -> torch.Tensor:
+    def scale_for(self, x: torch.Tensor, record: bool = False) -> torch.Tensor:
+        """The scale ``x`` is quantized at, broadcastable to ``x``.
+
+        Delayed scaling takes the amax history of earlier steps (this call's amax when there is none
+        yet); with ``record`` (a training forward or backward) this call's amax then joins the history.
+        """
         fmt, spec = self.format, self.spec
         assert fmt is not None
+        if spec.scaling == "mx":  # each element at its block's power-of-two scale
+            block_scale = mx_block_scale(x.detach(), fmt, MX_BLOCK_SIZE)
+            return block_scale.repeat_interleave(MX_BLOCK_SIZE, dim=-1)[..., : x.shape[-1]]
         if spec.scaling == "per_channel" and self.kind == "weight":
             return per_channel_scale(x.detach(), fmt, axis=0, margin=spec.margin)
         current_amax = x.detach().abs().amax().float()
+        amax = current_amax
         if spec.scaling == "delayed":
-            # the scale comes from earlier steps' amaxes; this step's amax joins the history (in training)
-            amax = current_amax if len(self.history) == 0 else self.history.amax
-            if self.training:
+            if len(self.history) > 0:
+                amax = self.history.amax
+            if record:
                 self.history.update(current_amax)
-            return compute_scale(amax, fmt, margin=spec.margin)
-        return compute_scale(current_amax, fmt, margin=spec.margin)
+        return compute_scale(amax, fmt, margin=spec.margin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fmt = self.format
         if fmt is None:
             return x
-        if self.spec.scaling == "mx":
-            quantized, _ = mx_quantize(x, fmt, elem_rounding=self.spec.rounding)
+        scale = None
+        if self.spec.scaling == "mx" and self.kind != "weight":
+            # activations and gradients: block scales broadcast inside mx_quantize, no full-size scale
+            quantized, _ = mx_quantize(x, fmt, MX_BLOCK_SIZE, elem_rounding=self.spec.rounding)
             quantized = x + (quantized - x).detach()  # straight-through
-            if self.collect_stats:
-                self._count(x.detach(), quantized.detach(), None)
-            return quantized
-        scale = self.scale_for(x)
-        self.last_scale = scale
-        quantized = quantize(x, fmt, scale, rounding=self.spec.rounding, generator=self.generator)
+        else:
+            scale = self.last_scale = self.scale_for(x, record=self.training)
+            quantized = quantize(x, fmt, scale, rounding=self.spec.rounding, generator=self.generator)
         if self.collect_stats:
             self._count(x.detach(), quantized.detach(), scale)
         return quantized
@@ -180,17 +193,11 @@ class QuantizedLinear(nn.Module):
     def weight_scale(self) -> torch.Tensor:
         """The weight scale of the last forward (computed now if there was none), broadcastable to W."""
         quantizer = self.quantizers["weight"]
-        if quantizer.last_scale is None:
-            if self.spec.weight is None:
-                return torch.ones((), device=self.weight.device)
-            return (
-                quantizer.scale_for(self.weight)
-                if self.spec.scaling != "delayed"
-                else compute_scale(
-                    self.weight.detach().abs().amax().float(), self.spec.weight, margin=self.spec.margin
-                )
-            )
-        return quantizer.last_scale
+        if quantizer.last_scale is not None:
+            return quantizer.last_scale
+        if self.spec.weight is None:
+            return torch.ones((), device=self.weight.device)
+        return quantizer.scale_for(self.weight)
 
     def set_format(self, kind: str, fmt: FloatFormat | None) -> None:
         """Switch one tensor kind to another format (an emergency format shift); the amax history stays."""

@@ -50,7 +50,6 @@ from .ops import ROUNDING_MODES, quantize
 
 MXRounding = Literal["floor", "ceil", "even"]
 MX_ROUNDINGS: tuple[str, ...] = ("floor", "ceil", "even")
-MX_SCALE_ROUNDINGS = MX_ROUNDINGS  # the name of an earlier version
 E8M0_MIN_EXPONENT, E8M0_MAX_EXPONENT = -127, 127
 
 

@@ -103,7 +103,8 @@ class _TensorQuantizer(nn.Module):
             return block_scale.repeat_interleave(MX_BLOCK_SIZE, dim=-1)[..., : x.shape[-1]]
         if spec.scaling == "per_channel" and self.kind == "weight":
             return per_channel_scale(x.detach(), fmt, axis=0, margin=spec.margin)
-        current_amax = x.detach().abs().amax().float()
+        low, high = torch.aminmax(x.detach())  # one pass, no |x| temporary
+        current_amax = torch.maximum(high, -low).float()
         amax = current_amax
         if spec.scaling == "delayed":
             if len(self.history) > 0:

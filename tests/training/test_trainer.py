@@ -205,3 +205,18 @@ def test_stability_interventions_are_recorded(tmp_path):
     assert shift["from"] == "E4M3" and shift["to"] == "E3M4" and shift["step"] >= 2
     assert summary["format_shifts"] and summary["format_shifts"][0]["layer"] == shift["layer"]
     assert all(count >= 1 for count in summary["partition_clip_steps"].values())
+
+
+def test_a_fresh_run_replaces_an_older_run_of_the_same_name(tmp_path):
+    train(
+        tiny_config(tmp_path, "name=again", "train.max_steps=6", "checkpoint.interval=2", "checkpoint.keep=5")
+    )
+    config = tiny_config(
+        tmp_path, "name=again", "train.max_steps=3", "checkpoint.interval=2", "checkpoint.keep=5"
+    )
+    train(config)
+    assert sorted(p.name for p in (config.run_dir / "checkpoints").glob("step_*.pt")) == [
+        "step_2.pt",
+        "step_3.pt",
+    ]
+    assert [r["step"] for r in read_jsonl(config.run_dir / "metrics.jsonl")] == [1, 2, 3]

@@ -140,9 +140,11 @@ class Trainer:
         self.precision_used = "fp32"
         if resume:
             self._restore()
-        else:
+        else:  # a fresh run under an existing name replaces that run's records and checkpoints
             for name in ("metrics.jsonl", "events.jsonl", "summary.json"):
                 (self.run_dir / name).unlink(missing_ok=True)
+            for stale in (self.run_dir / "checkpoints").glob("step_*.pt"):
+                stale.unlink()
         save_config(config, self.run_dir / "config.yaml")
         self.logger = MetricsLogger.for_run(
             self.run_dir,

@@ -220,3 +220,25 @@ def test_a_fresh_run_replaces_an_older_run_of_the_same_name(tmp_path):
         "step_3.pt",
     ]
     assert [r["step"] for r in read_jsonl(config.run_dir / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_checkpoints_and_measurements_do_not_depend_on_the_log_interval(tmp_path):
+    config = tiny_config(
+        tmp_path, "name=sparse", "train.max_steps=10", "train.log_interval=5", "diagnostics.flips=false",
+        "checkpoint.interval=3", "checkpoint.keep=10", "diagnostics.grad_stats_interval=4",
+        "diagnostics.quant_stats_interval=4", "train.eval_interval=100", "diagnostics.rank_interval=100",
+        "diagnostics.optimizer_stats_interval=100",
+    )  # fmt: skip
+    train(config)
+    steps = sorted(int(p.stem.split("_")[1]) for p in (config.run_dir / "checkpoints").glob("step_*.pt"))
+    assert steps == [3, 6, 9, 10]
+    records = {r["step"]: r for r in read_jsonl(config.run_dir / "metrics.jsonl")}
+    assert sorted(records) == [4, 5, 8, 10]  # grad/quant stats at 4 and 8, logging at 5 and 10
+    assert "grad_norm_l2/mean" in records[4] and "quant/overflow_frac/weight" in records[8]
+
+
+def test_resume_refuses_a_changed_tokenizer(tmp_path):
+    config = tiny_config(tmp_path, "name=changed", "train.max_steps=4")
+    train(config)
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        resume(config.run_dir, overrides=["data.tokenizer=byte", "train.max_steps=8"])

@@ -96,6 +96,7 @@ def compute_stall_ratio(flips: int, updates: int) -> float:
     >>> compute_stall_ratio(25, 100), compute_stall_ratio(0, 0)
     (0.75, 0.0)
     """
+    flips, updates = float(flips), float(updates)
     if updates <= 0:
         return 0.0
     return min(1.0, max(0.0, 1.0 - flips / updates))
@@ -214,13 +215,17 @@ class WeightFlipTracker:
             raise ValueError(
                 f"layer {name!r}: grad shape {tuple(grad.shape)} differs from weight {tuple(weight.shape)}"
             )
-        layer = self._layer(name, weight.device)
+        cached = self._layers[name].latest if name in self._layers else None
+        codes = (
+            cached
+            if cached is not None and cached.is_current(weight, fmt, scale)
+            else _encode(weight, fmt, scale)
+        )
+        layer = self._layer(name, weight.device)  # created only once the inputs encoded cleanly
         if layer.pending_updates is not None:  # the previous snapshot never got its post-step call
             layer.counts[:, _UPDATES] -= layer.pending_updates
             layer.pending_updates = None
-        if layer.latest is None or not layer.latest.is_current(weight, fmt, scale):
-            layer.latest = _encode(weight, fmt, scale)
-        layer.snapshot = layer.latest
+        layer.latest = layer.snapshot = codes
         layer.updated = None
         if grad is not None:
             grad = grad.detach().to_dense() if grad.is_sparse else grad.detach()

@@ -307,7 +307,10 @@ def _parse_custom(spec: str) -> FloatFormat:
                 raise ValueError(f"format spec {spec!r}: {key} must be true or false, got {raw!r}")
             options[key] = raw.lower() in ("true", "1")
     canonical = f"E{exponent_bits}M{mantissa_bits}" + (f":{match.group(3)}" if match.group(3) else "")
-    return FloatFormat(canonical, exponent_bits, mantissa_bits, **options)  # type: ignore[arg-type]
+    try:
+        return FloatFormat(canonical, exponent_bits, mantissa_bits, **options)  # type: ignore[arg-type]
+    except ValueError as error:
+        raise ValueError(f"format spec {spec!r}: {error}; known formats: {', '.join(FORMATS)}") from None
 
 
 def get_format(name: str | FloatFormat) -> FloatFormat:
@@ -327,6 +330,5 @@ def get_format(name: str | FloatFormat) -> FloatFormat:
     if _CUSTOM_SPEC.match(name.strip()):
         return _parse_custom(name)
     raise ValueError(
-        f"unknown format {name!r}; known formats: {', '.join(FORMATS)} "
-        "(or a spec such as 'e3m4:bias=1')"
+        f"unknown format {name!r}; known formats: {', '.join(FORMATS)} (or a spec such as 'e3m4:bias=1')"
     )

@@ -794,6 +794,12 @@ def decode(codes: torch.Tensor, format: str | FloatFormat, scale: ScaleLike = 1.
     if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.is_complex():
         raise ValueError(f"codes: expected an integer tensor, got {getattr(codes, 'dtype', type(codes))}")
     _check_scale(scale, codes.shape)
+    if codes.device.type == "cpu" and codes.numel() and codes.dtype != torch.bool:  # no device sync elsewhere
+        low, high = (int(v) for v in torch.aminmax(codes.to(torch.int64)))
+        if low < 0 or high >= fmt.num_codes:
+            raise ValueError(
+                f"codes: {fmt.name} has codes 0..{fmt.num_codes - 1}, got values in {low}..{high}"
+            )
     table = _decoded_table(fmt, codes.device)
     values = table[codes.to(torch.int64)]
     if not (isinstance(scale, (int, float)) and scale == 1):

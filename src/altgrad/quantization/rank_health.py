@@ -51,7 +51,7 @@ def _as_matrix(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` as a 2-D matrix: conv and other N-D weights reshaped to (out, -1)."""
     if weight.ndim < 2:
         raise ValueError(f"weight: rank metrics need a 2+-dim tensor, got shape {tuple(weight.shape)}")
-    return weight.detach().reshape(weight.shape[0], -1)
+    return weight.detach().reshape(weight.shape[0], math.prod(weight.shape[1:]))
 
 
 def _tall(matrix: torch.Tensor) -> torch.Tensor:
@@ -104,6 +104,8 @@ def rank_metrics_from_singular_values(
     NaN metrics. Effective rank is clamped to [1, k] against rounding.
     """
     s = singular_values.to(torch.float64)
+    if s.shape[-1] == 0:  # an empty matrix has no singular values: treat it as the zero matrix
+        s = torch.zeros(*s.shape[:-1], 1, dtype=torch.float64, device=s.device)
     top = s[..., 0]
     squares = (s * s).sum(-1)
     stable_rank = torch.where(top > 0, squares / (top * top), float(numel))

@@ -223,6 +223,16 @@ class Trainer:
         if path is None:
             raise FileNotFoundError(f"no checkpoint to resume from in {self.run_dir / 'checkpoints'}")
         state = load_checkpoint(path)
+        if state["tokenizer"] != self.data.tokenizer.state():
+            raise ValueError(
+                f"cannot resume {self.run_dir}: the data's tokenizer differs from the checkpoint's "
+                "(the data source, path or tokenizer changed since the run started)"
+            )
+        if set(state["quantizers"]) != set(self.layers):
+            raise ValueError(
+                f"cannot resume {self.run_dir}: the checkpoint quantized {sorted(state['quantizers'])} "
+                f"but this config quantizes {sorted(self.layers)} (quant.enabled or quant.rules changed)"
+            )
         for name, layer_state in state["quantizers"].items():
             formats = layer_state["formats"]
             layer = self.layers[name]
@@ -245,6 +255,11 @@ class Trainer:
         self.shift_events = state["shift_events"]
         for name in ("metrics.jsonl", "events.jsonl"):  # drop what was logged after the checkpoint
             _truncate_jsonl_after(self.run_dir / name, self.step)
+
+    def _save_if_due(self) -> None:
+        """Checkpoint every ``checkpoint.interval`` steps (the final one is written when the run ends)."""
+        if self.step % self.config.checkpoint.interval == 0 and self.step < self.config.train.max_steps:
+            self.save()
 
     def save(self) -> None:
         save_checkpoint(
@@ -317,6 +332,8 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean loss of the quantized model over ``eval_batches`` fixed validation windows."""
         self.model.eval()
+        for layer in self.layers.values():  # the quant statistics describe training steps only
+            layer.collect_stats = False
         generator = torch.Generator().manual_seed(EVAL_SEED)
         losses = []
         for _ in range(self.config.train.eval_batches):
@@ -441,11 +458,15 @@ class Trainer:
                 }
                 loss, record = self._train_step(measure)
                 window_steps += 1
-                logged = measure["flips"] or any(
-                    self._due(interval, step)
-                    for interval in (config.train.log_interval, config.train.eval_interval)
+                periodic = (
+                    config.train.log_interval,
+                    config.train.eval_interval,
+                    diagnostics.rank_interval,
+                    diagnostics.optimizer_stats_interval,
                 )
-                if not logged:
+                # a step is logged when anything is measured on it; the NaN check runs on logged steps
+                if not (any(measure.values()) or any(self._due(interval, step) for interval in periodic)):
+                    self._save_if_due()
                     continue
                 elapsed = time.perf_counter() - window_start
                 record = {"step": step, "train_loss": float(loss), **record}
@@ -490,8 +511,7 @@ class Trainer:
                     tok_s=f"{record['tokens_per_s']:.0f}",
                     stall=f"{record.get('stall_ratio/mean', math.nan):.3f}",
                 )
-                if self.step % config.checkpoint.interval == 0 and self.step < config.train.max_steps:
-                    self.save()
+                self._save_if_due()
         except BaseException as error:
             status = "failed"
             stop_message = f"{type(error).__name__}: {error}"

@@ -174,10 +174,6 @@ class QuantizedLinear(nn.Module):
             {kind: _TensorQuantizer(spec, kind, self.quant_stats, i) for i, kind in enumerate(TENSOR_KINDS)}
         )
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: LayerQuantSpec) -> QuantizedLinear:
-        return cls(linear, spec)
-
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear holding the same Parameters."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")

@@ -39,11 +39,6 @@ from altgrad.quantization.ops import quantize
 
 from .optimizer import QuantInfo
 
-STAT_NAMES = (
-    "stiffness_mean", "stiffness_max", "grid_alignment", "grad_stiffness_corr", "bit_position_mean",
-    "bit_position_std",
-)  # fmt: skip
-
 
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pearson correlation of two flat float64 tensors (NaN if either is constant)."""

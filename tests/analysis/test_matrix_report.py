@@ -200,6 +200,12 @@ def test_failure_edge_cases(tmp_path, synth):
     warmup = synth.metric_records(20, stall=lambda step: 0.99 if step <= 6 else 0.5)
     config = {"train": {"warmup_steps": 6}}
     assert classify_failure(load_run(synth.write_run(tmp_path / "warmup", config, warmup))).mode == NONE
+    decayed = synth.metric_records(20, stall=lambda step: 0.99 if step >= 12 else 0.5)
+    for record in decayed:  # the lr decays to a tenth of its peak from step 11 on
+        record["lr"] = 1e-3 if record["step"] <= 10 else 1e-4
+    assert classify_failure(load_run(synth.write_run(tmp_path / "decayed", None, decayed))).mode == NONE
+    still_high = synth.metric_records(20, stall=lambda step: 0.99 if step >= 12 else 0.5)
+    assert classify_failure(load_run(synth.write_run(tmp_path / "high", None, still_high))).step == 12
     late = synth.metric_records(20, grad_underflow=lambda step: 0.5 if step >= 19 else 0.0)
     assert classify_failure(load_run(synth.write_run(tmp_path / "late", None, late))).step == 19
 

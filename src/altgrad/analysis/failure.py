@@ -5,7 +5,9 @@ Per logged step three signals are read:
 
 * forward  = the largest overflow or underflow fraction of weights and activations,
 * gradient = the larger of the gradient overflow and underflow fractions,
-* stall    = the mean stall ratio over layers (1 - flips / updates), after the LR warmup.
+* stall    = the mean stall ratio over layers (1 - flips / updates), after the LR warmup and while the
+  learning rate is at least LR_FRACTION_THRESHOLD of its peak (a decaying schedule makes updates
+  smaller than a grid step by design: a stall in that tail is expected, not a failure).
 
 A mode holds at a step when
 
@@ -43,6 +45,8 @@ MIN_CONSECUTIVE_RECORDS = 3
 MAX_LAYERS_LISTED = 3
 WARMUP_KEY = "train.warmup_steps"
 """The stall criterion skips the LR warmup: tiny early updates stall by design, not by failure."""
+LR_FRACTION_THRESHOLD = 0.5
+"""The stall criterion skips steps whose logged ``lr`` is below this fraction of the run's peak lr."""
 
 FORWARD = "forward precision"
 GRADIENT = "gradient fidelity"
@@ -60,7 +64,8 @@ def thresholds_text() -> str:
         f"'{FORWARD}' when the largest weight/activation fraction crosses it and is at least the "
         f"gradient fraction; '{GRADIENT}' when the gradient under/overflow fraction crosses it and exceeds "
         f"the forward one; '{OPTIMIZER}' when the mean stall ratio is > {STALL_RATIO_THRESHOLD:g} after "
-        f"the LR warmup while gradient fractions stay below {QUANT_FRACTION_THRESHOLD:g}. A criterion "
+        f"the LR warmup, while the lr is >= {LR_FRACTION_THRESHOLD:g} of its peak, and while gradient "
+        f"fractions stay below {QUANT_FRACTION_THRESHOLD:g}. A criterion "
         f"counts from the first step where it holds on {MIN_CONSECUTIVE_RECORDS} consecutive logged records "
         "(or until the last record); the earliest one is the failure point. Without any, the "
         "NaN-stop/collapse step (if any) is given."
@@ -98,14 +103,23 @@ def _onset(flags: pd.Series) -> int | None:
     return None
 
 
+def _stall_counts(run: Run, stall: pd.Series) -> pd.Series:
+    """``stall`` restricted to the steps where a stall can be a failure: after the LR warmup, and while
+    the logged lr is at least LR_FRACTION_THRESHOLD of its peak (every step when lr was not logged)."""
+    stall = stall[stall.index > (lookup(run.config, WARMUP_KEY) or 0)]
+    lr = run.series("lr")
+    if lr.empty:
+        return stall
+    high_lr = lr[lr >= LR_FRACTION_THRESHOLD * lr.max()].index
+    return stall[stall.index.isin(high_lr)]
+
+
 def _layer_onsets(run: Run, mode: str) -> list[str]:
     """The layers whose own signal crosses the threshold for ``mode``, earliest first."""
     per_layer: dict[str, pd.Series] = {}
     if mode == OPTIMIZER:
-        warmup = lookup(run.config, WARMUP_KEY) or 0
         for layer, column in layer_columns(run, "stall_ratio").items():
-            stall = run.series(column)
-            per_layer[layer] = stall[stall.index > warmup] > STALL_RATIO_THRESHOLD
+            per_layer[layer] = _stall_counts(run, run.series(column)) > STALL_RATIO_THRESHOLD
     else:
         kinds = FORWARD_KINDS if mode == FORWARD else ("grad",)
         signals: dict[str, list[str]] = {}
@@ -136,7 +150,7 @@ def failure_signals(run: Run) -> pd.DataFrame:
         signals.loc[known, "forward_source"] = forward[known].idxmax(axis=1)
     signals["gradient"] = _frame(run, grad_columns).max(axis=1)
     stall = aggregate_series(run, "stall_ratio", "mean")
-    signals["stall"] = stall[stall.index > (lookup(run.config, WARMUP_KEY) or 0)].reindex(signals.index)
+    signals["stall"] = _stall_counts(run, stall).reindex(signals.index)
     return signals
 
 

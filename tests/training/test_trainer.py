@@ -242,3 +242,15 @@ def test_resume_refuses_a_changed_tokenizer(tmp_path):
     train(config)
     with pytest.raises(ValueError, match="tokenizer differs"):
         resume(config.run_dir, overrides=["data.tokenizer=byte", "train.max_steps=8"])
+
+
+def test_trains_on_a_local_hugging_face_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    lines = [f"line {i}: the quick brown fox jumps over the lazy dog." for i in range(400)]
+    datasets.Dataset.from_dict({"body": lines}).save_to_disk(tmp_path / "saved")
+    config = tiny_config(
+        tmp_path, "name=hf", "train.max_steps=4", "data.source=hf", f"data.path={tmp_path / 'saved'}",
+        "data.text_field=body", "data.tokenizer=byte",
+    )  # fmt: skip
+    summary = train(config)
+    assert summary["status"] == "completed" and math.isfinite(summary["final_train_loss"])

@@ -57,19 +57,9 @@ from altgrad.quantization import (
     quantize,
 )
 from altgrad.quantization.formats import FloatFormat
+from references import CUSTOM_SPECS, gfloat_info, same_values
 
-CUSTOM_SPECS = ["e3m4:bias=1", "e2m5:specials=ieee", "e4m3:specials=fnuz,bias=8", "e5m2:subnormals=false"]
 ALL_NAMES = [*FORMATS, *CUSTOM_SPECS]
-
-
-def same_values(got, expected) -> np.ndarray:
-    """Element-wise: equal with the same sign of zero, or both NaN."""
-    with np.errstate(invalid="ignore"):  # casting NaN of ml_dtypes types
-        got = np.asarray(got, dtype=np.float64)
-        expected = np.asarray(expected, dtype=np.float64)
-    return (np.isnan(got) & np.isnan(expected)) | (
-        (got == expected) & (np.signbit(got) == np.signbit(expected))
-    )
 
 
 def assert_same(got, expected, inputs) -> None:
@@ -383,21 +373,6 @@ def test_half_precision_inputs_keep_their_dtype(name):
 
 
 # ---- gfloat ----------------------------------------------------------------------------------------------
-
-
-def gfloat_info(fmt: FloatFormat) -> gfloat.FormatInfo:
-    return gfloat.FormatInfo(
-        fmt.name,
-        k=fmt.total_bits,
-        precision=fmt.mantissa_bits + 1,
-        bias=fmt.bias,
-        is_signed=fmt.signed,
-        domain=Domain.Extended if fmt.specials == "ieee" else Domain.Finite,
-        has_nz=fmt.specials != "fnuz" and fmt.signed,
-        num_high_nans={"ieee": (1 << fmt.mantissa_bits) - 1, "fn": 1}.get(fmt.specials, 0),
-        has_subnormals=fmt.subnormals,
-        is_twos_complement=False,
-    )
 
 
 GFLOAT_FORMATS = {

@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -82,7 +83,12 @@ def compute_rank_stats(model: nn.Module) -> dict[str, float]:
     ``effective_rank/min``. Float64 singular values batched by shape (``compute_rank_metrics``);
     one host sync. A model with no matrix gives ``{}``.
     """
-    ranks = compute_rank_metrics(rank_tracked_parameters(model))
+    return rank_stats(compute_rank_metrics(rank_tracked_parameters(model)))
+
+
+def rank_stats(ranks: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Per-layer rank metrics (``{param: {metric: value}}``, e.g. from ``RankHealthMonitor``) as flat
+    ``{metric}/{param}`` keys plus the ``/mean`` and ``/min`` aggregates of stable and effective rank."""
     if not ranks:
         return {}
     stats: dict[str, float] = {}

@@ -48,7 +48,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_chec
 from .config import RunConfig, apply_overrides, config_from_dict, save_config
 from .data import BatchSampler, load_data
 from .loggers import MetricsLogger
-from .metrics import compute_gradient_stats
+from .metrics import compute_gradient_stats, rank_stats
 from .model import GPT, GPTConfig
 from .optimizer import build_optimizer
 from .optimizer_diagnostics import optimizer_statistics
@@ -373,15 +373,7 @@ class Trainer:
 
     def _rank_record(self) -> dict[str, float]:
         ranks = self.rank_monitor.compute_layer_ranks(self.model)
-        record: dict[str, float] = {}
-        for name, values in ranks.items():
-            for metric, value in values.items():
-                record[f"{metric}/{name}"] = value
-        for metric in ("stable_rank", "effective_rank"):
-            values = [v[metric] for v in ranks.values()]
-            if values:
-                record[f"{metric}/mean"] = float(np.mean(values))
-                record[f"{metric}/min"] = float(np.min(values))
+        record = rank_stats(ranks)
         self.rank_monitor.check_warnings(ranks)
         for warning in self.rank_monitor.last_warnings:
             if self.first_rank_warning_step is None:

@@ -18,13 +18,7 @@ TARGET = 1.0 + STEPS * UPDATE  # 1.5: still in [1, 2), where the bfloat16 spacin
 BF16_SPACING = 2.0**-7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: intra-op threads only add contention on a shared CPU (10x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy(cls, **storage) -> tuple[torch.Tensor, dict]:

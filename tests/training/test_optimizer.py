@@ -22,13 +22,7 @@ from altgrad.training.optimizer import (
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: intra-op threads only add contention on a shared CPU (10x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def param(*values: float) -> torch.nn.Parameter:

@@ -205,3 +205,37 @@ def test_shipped_grids_expand():
     quick = load_grid("experiments/quick.yaml")
     assert {c.equivalent_to for c in quick.cells} == {None, "E1M6-adamw-s0", "E1M6-manifold_adamw-s0"}
     assert quick.cells[-1].name == "fp32-s0"
+
+
+def test_dependent_axis_takes_the_values_of_its_by_axis():
+    lrs = {"by": "optimizer.name", "values": {"adamw": [1e-3, 3e-3], "grid": [0.5]}}
+    g = grid(axes={"optimizer.name": ["adamw", "grid"], "optimizer.lr": lrs, "seed": [0, 1]})
+    assert names(g) == [
+        "adamw-lr0.001-s0", "adamw-lr0.001-s1", "adamw-lr0.003-s0", "adamw-lr0.003-s1",
+        "grid-lr0.5-s0", "grid-lr0.5-s1",
+    ]  # fmt: skip
+    assert [(c.config.optimizer.name, c.config.optimizer.lr) for c in g.cells[::2]] == [
+        ("adamw", 1e-3), ("adamw", 3e-3), ("grid", 0.5),
+    ]  # fmt: skip
+    assert g.cells[-1].assignment == {"optimizer.name": "grid", "optimizer.lr": 0.5, "seed": 1}
+    assert g.axes["optimizer.lr"] == [1e-3, 3e-3, 0.5]
+    dropped = grid(
+        axes={"optimizer.name": ["adamw", "grid"], "optimizer.lr": lrs},
+        exclude=[{"optimizer.lr": 0.5}],
+    )
+    assert names(dropped) == ["adamw-lr0.001", "adamw-lr0.003"]
+
+
+@pytest.mark.parametrize(
+    ("lrs", "message"),
+    [
+        ({"by": "seed", "values": {"adamw": [1]}}, r"'seed' is not an axis listed before it"),
+        ({"by": "optimizer.name", "values": {"adamw": [1e-3]}}, r"one list per value .* missing \['grid'\]"),
+        ({"by": "optimizer.name", "values": {"adamw": [1], "grid": [1], "sgd": [1]}}, r"unknown \['sgd'\]"),
+        ({"by": "optimizer.name", "values": {"adamw": [], "grid": [1]}}, r"lr.values.adamw: expected"),
+        ({"by": "optimizer.name"}, r"expected a list of values or \{by"),
+    ],
+)
+def test_dependent_axis_errors_name_the_problem(lrs, message):
+    with pytest.raises(GridError, match=message):
+        grid(axes={"optimizer.name": ["adamw", "grid"], "optimizer.lr": lrs, "seed": [0]})

@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,13 @@ RULES_KEY = "quant.rules"
 FORMAT_KEYS = ("quant.weight", "quant.activation", "quant.grad")
 BASELINE_KEY_PREFIXES = ("quant.", "train.precision")
 """Assignment keys that make a cell a baseline; its ``baseline`` name says it, labels leave them out."""
+LR_KEYS = ("optimizer.lr", "train.lr")
+"""Assignment keys that set a learning rate: cells differing only in these are one optimizer's lr sweep."""
+STORAGE_KEY = "optimizer.weight_storage"
+MASTER_STORAGES = (None, "none", "fp32")
+"""``optimizer.weight_storage`` values that keep an fp32 master copy of the weights."""
+GRID_UNIT_OPTIMIZERS = ("manifold_adamw", "grid")
+"""Optimizers whose ``optimizer.lr`` defaults to 1.0 (grid units), as in RunConfig.optimizer_lr."""
 IDENTITY_LEAVES = ("name", "run_name", "out_dir", "output_dir", "run_dir", "dir", "path", "root")
 """Config leaves that name or locate a run rather than describe it; never treated as matrix axes."""
 
@@ -86,6 +94,31 @@ class Cell:
             return ", ".join(f"{key.replace('quant.', '')}={value}" for key, value in formats.items())
         weight = self._config("quant.weight")
         return "quantized" if weight is None else render_value(weight)
+
+    @property
+    def storage(self) -> str:
+        """How the optimizer stores the weights: ``fp32 master``, else the storage format (``quantized`` =
+        the layer's forward format) with its rounding and ``+ kahan``: ``quantized stochastic``."""
+        storage = self._config(STORAGE_KEY)
+        if storage is None or str(storage).strip().lower() in MASTER_STORAGES:
+            return "fp32 master"
+        text = f"{storage} {self._config('optimizer.storage_rounding') or 'nearest'}"
+        return text + " + kahan" if self._config("optimizer.kahan") else text
+
+    @property
+    def lr(self) -> float:
+        """The peak lr of the quantized weights in the optimizer's unit: ``optimizer.lr`` when set, else
+        1.0 for grid-unit optimizers and ``train.lr`` for the others (NaN when not recorded)."""
+        value = self._config("optimizer.lr")
+        if value is None:
+            value = 1.0 if self.optimizer in GRID_UNIT_OPTIMIZERS else self._config("train.lr")
+        return math.nan if value is None else float(value)
+
+    @property
+    def setting(self) -> str:
+        """Everything assigned except seed, optimizer and learning rate: the cells whose optimizers are
+        compared, each at its best lr."""
+        return self._label(exclude=(SEED_KEY, OPTIMIZER_KEY, *LR_KEYS))
 
     @property
     def short_context(self) -> str:

@@ -114,12 +114,16 @@ class PairedDifference:
 
     @property
     def ci_text(self) -> str:
-        """``+0.100 [+0.075, +0.125]``, or the mean alone with ``(n=1, no interval)``."""
-        if math.isnan(self.mean):
-            return "—"
-        if math.isnan(self.ci_low):
-            return f"{self.mean:+.3g} (n={self.n}, no interval)"
-        return f"{self.mean:+.3g} [{self.ci_low:+.3g}, {self.ci_high:+.3g}]"
+        return interval_text(self.mean, self.ci_low, self.ci_high, self.n)
+
+
+def interval_text(mean: float, low: float, high: float, n: int) -> str:
+    """``+0.1 [+0.0752, +0.125]``; ``-1 (n=1, no interval)`` without an interval; ``—`` when missing."""
+    if math.isnan(mean):
+        return "—"
+    if math.isnan(low):
+        return f"{mean:+.3g} (n={n}, no interval)"
+    return f"{mean:+.3g} [{low:+.3g}, {high:+.3g}]"
 
 
 def mean_ci(values: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float, float]:

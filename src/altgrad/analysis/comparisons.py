@@ -58,7 +58,7 @@ def lr_sweep(table: pd.DataFrame) -> pd.DataFrame:
         rows.append(
             {
                 "setting": setting,
-                "format": members["label"].iloc[0],
+                "format": members["format"].iloc[0],
                 "storage": members["storage"].iloc[0],
                 "optimizer": optimizer,
                 "lr": lr,
@@ -112,7 +112,7 @@ def optimizer_comparison(table: pd.DataFrame) -> pd.DataFrame:
                 rows.append(
                     {
                         "setting": setting,
-                        "format": members["label"].iloc[0],
+                        "format": members["format"].iloc[0],
                         "storage": members["storage"].iloc[0],
                         "optimizer": optimizer,
                         "lr": rows_a["lr"].iloc[0],

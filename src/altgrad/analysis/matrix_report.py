@@ -351,8 +351,11 @@ def _lr_sweeps(doc: Document, table: pd.DataFrame) -> None:
     doc.table(shown.drop(columns=["setting"]))
     curves: dict[str, dict[str, pd.Series]] = {}
     marks: dict[str, dict[str, float]] = {}
-    for (optimizer, label, storage), members in shown.groupby(["optimizer", "format", "storage"], sort=False):
-        line = f"{label} / {storage}"
+    short = dict(zip(shown["setting"], shown["format"] + " / " + shown["storage"], strict=True))
+    if len(set(short.values())) < len(short):  # format and storage do not tell the settings apart
+        short = {setting: setting for setting in short}
+    for (optimizer, setting), members in shown.groupby(["optimizer", "setting"], sort=False):
+        line = short[setting]
         curves.setdefault(optimizer, {})[line] = members.set_index("lr")["val_loss_mean"].sort_index()
         marks.setdefault(optimizer, {})[line] = float(members.loc[members["chosen"], "lr"].iloc[0])
     doc.figure(

@@ -88,7 +88,8 @@ def test_storage_and_lr_come_from_the_run_config(table):
         assert cell.storage == label
     kahan = {"optimizer": {"weight_storage": "quantized", "storage_rounding": "nearest", "kahan": True}}
     assert Cell("c", {}, base=kahan).storage == "quantized nearest + kahan"
-    assert Cell("c", {}, base={"optimizer": {"name": "grid"}, "train": {"lr": 0.003}}).lr == 1.0
+    grid = Cell("c", {}, base={"optimizer": {"name": "grid"}, "train": {"lr": 0.003}})
+    assert grid.lr == 1.0 and grid.storage == "on grid (grid optimizer)"
     assert Cell("c", {}, base={"optimizer": {"name": "adamw"}, "train": {"lr": 0.003}}).lr == 0.003
 
 
@@ -120,7 +121,7 @@ def test_optimizers_compared_at_their_chosen_lr_paired_by_seed(table):
     assert master["ci_high"] == pytest.approx(differences.mean() + _half_width(differences), abs=1e-6)
     assert master["verdict"] == "cannot tell"  # [-0.0448, +0.0048] contains 0
     assert loss.loc[("E4M3", "quantized stochastic"), "verdict"] == "better"
-    assert loss.loc[("E7M0", "fp32 master"), "verdict"] == "better"
+    assert loss.loc[("E7M0", "fp32 master"), "verdict"] == "better"  # setting: grid's storage is its own
 
 
 def test_the_answer_opens_the_report(matrix_dir, synth, table):

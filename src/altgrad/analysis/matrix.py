@@ -38,6 +38,8 @@ LR_KEYS = ("optimizer.lr", "train.lr")
 STORAGE_KEY = "optimizer.weight_storage"
 MASTER_STORAGES = (None, "none", "fp32")
 """``optimizer.weight_storage`` values that keep an fp32 master copy of the weights."""
+ON_GRID = "on grid (grid optimizer)"
+"""The storage of GridOptim, which keeps its weights on the format's grid (it takes no weight_storage)."""
 GRID_UNIT_OPTIMIZERS = ("manifold_adamw", "grid")
 """Optimizers whose ``optimizer.lr`` defaults to 1.0 (grid units), as in RunConfig.optimizer_lr."""
 IDENTITY_LEAVES = ("name", "run_name", "out_dir", "output_dir", "run_dir", "dir", "path", "root")
@@ -98,8 +100,11 @@ class Cell:
     @property
     def storage(self) -> str:
         """How the optimizer stores the weights: ``fp32 master``, else the storage format (``quantized`` =
-        the layer's forward format) with its rounding and ``+ kahan``: ``quantized stochastic``."""
+        the layer's forward format) with its rounding and ``+ kahan``: ``quantized stochastic``; ``ON_GRID``
+        for the grid optimizer."""
         storage = self._config(STORAGE_KEY)
+        if self.optimizer == "grid":
+            return ON_GRID
         if storage is None or str(storage).strip().lower() in MASTER_STORAGES:
             return "fp32 master"
         text = f"{storage} {self._config('optimizer.storage_rounding') or 'nearest'}"

@@ -91,9 +91,10 @@ def optimizer_comparison(table: pd.DataFrame) -> pd.DataFrame:
     """Per setting (format, storage, ...), every optimizer at its chosen lr vs the standard one at its
     chosen lr, paired by seed: the mean difference (optimizer - reference) with its 95% t interval.
 
-    Columns: setting, format, storage, optimizer, lr, reference, reference_lr, metric, mean,
-    reference_mean, diff, ci_low, ci_high, n, verdict. For the final val loss the verdict is "better",
-    "worse" or "cannot tell"; for the diagnostics "lower", "higher" or "cannot tell".
+    Columns: setting, format, storage (the reference's; the grid optimizer has its own), optimizer, lr,
+    reference, reference_lr, metric, mean, reference_mean, diff, ci_low, ci_high, n, verdict. For the
+    final val loss the verdict is "better", "worse" or "cannot tell"; for the diagnostics "lower",
+    "higher" or "cannot tell".
     """
     rows = []
     for setting, members in at_chosen_lr(table).groupby("setting", sort=False):
@@ -113,7 +114,7 @@ def optimizer_comparison(table: pd.DataFrame) -> pd.DataFrame:
                     {
                         "setting": setting,
                         "format": members["format"].iloc[0],
-                        "storage": members["storage"].iloc[0],
+                        "storage": ref_rows["storage"].iloc[0],
                         "optimizer": optimizer,
                         "lr": rows_a["lr"].iloc[0],
                         "reference": reference,

@@ -13,7 +13,7 @@ import pytest
 from altgrad.analysis.comparisons import lr_sweep, optimizer_comparison
 from altgrad.analysis.failure import classify_failure
 from altgrad.analysis.matrix import Cell, load_matrix
-from altgrad.analysis.matrix_report import write_matrix_report
+from altgrad.analysis.matrix_report import at_chosen_lr_cells, write_matrix_report
 from altgrad.analysis.results import results_table
 from altgrad.analysis.runs import load_run
 
@@ -169,3 +169,15 @@ def test_csvs_let_anyone_recompute_every_interval(matrix_dir):
         3e-3,
         pytest.approx(3.11667, abs=1e-5),
     )
+
+
+def test_plots_keep_each_optimizer_at_its_chosen_lr_and_labels_leave_the_lr_out(matrix_dir, table):
+    cells = load_matrix(matrix_dir).cells
+    kept = {cell.name for cell in at_chosen_lr_cells(cells, table)}
+    dropped = {cell.name for cell in cells} - kept
+    assert dropped == {
+        f"E4M3-{name}-master-s{seed}" for name in ("adamw-lr0.001", "manifold_adamw-lr1") for seed in range(3)
+    }
+    labels = table.set_index("cell")["label"]
+    assert labels["E4M3-adamw-lr0.001-master-s0"] == labels["E4M3-adamw-lr0.003-master-s0"] == "E4M3 / master"
+    assert "Each optimizer at its chosen lr" in (matrix_dir / "report.md").read_text()

@@ -127,10 +127,11 @@ class Cell:
 
     @property
     def short_context(self) -> str:
-        """The context as values only (``E4M3 / mixed``), for plot legends and digests."""
+        """The setting as values only (``E4M3 / mixed``; the lr left out), for plot legends and digests."""
         if self.baseline:
             return self.baseline
-        values = [render_value(v) for k, v in self.assignment.items() if k not in (SEED_KEY, OPTIMIZER_KEY)]
+        left_out = (SEED_KEY, OPTIMIZER_KEY, *LR_KEYS)
+        values = [render_value(v) for k, v in self.assignment.items() if k not in left_out]
         return " / ".join(dict.fromkeys(values)) or self.format
 
     @property
@@ -170,10 +171,11 @@ class Matrix:
 
 
 def short_labels(cells: list[Cell]) -> dict[str, str]:
-    """A short label per context: the format when formats tell the contexts apart, else the values."""
-    formats = {cell.context: cell.format for cell in cells}
+    """A short label per context: the format when formats tell the settings (contexts up to the lr)
+    apart, else the values without the lr; contexts differing only in the lr share their label."""
+    formats = {cell.setting: cell.format for cell in cells}
     if len(set(formats.values())) == len(formats):
-        return formats
+        return {cell.context: cell.format for cell in cells}
     return {cell.context: cell.short_context for cell in cells}
 
 

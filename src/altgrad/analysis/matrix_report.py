@@ -180,8 +180,21 @@ def _results(doc: Document, table: pd.DataFrame) -> None:
     )
 
 
-def _plots(doc: Document, cells: list[Cell]) -> None:
+def at_chosen_lr_cells(cells: list[Cell], table: pd.DataFrame) -> list[Cell]:
+    """``cells`` without those of a swept (setting, optimizer) at an lr other than the chosen one."""
+    sweep = lr_sweep(table)
+    swept = sweep.groupby(["setting", "optimizer"], sort=False)["lr"].transform("size") > 1
+    dropped = sweep[swept & ~sweep["chosen"]]
+    dropped_keys = set(zip(dropped["setting"], dropped["optimizer"], dropped["lr"], strict=True))
+    return [cell for cell in cells if (cell.setting, cell.optimizer, cell.lr) not in dropped_keys]
+
+
+def _plots(doc: Document, cells: list[Cell], table: pd.DataFrame) -> None:
     doc.heading("Plots")
+    shown = at_chosen_lr_cells(cells, table)
+    if len(shown) < len(cells):
+        doc.note("Each optimizer at its chosen lr (see Learning-rate sweeps); the other lrs are not plotted.")
+    cells = shown
     quantized = [cell for cell in cells if not cell.baseline]
     curves = _by_curve(cells)
     _loss_plot(doc, quantized, [cell for cell in cells if cell.baseline])
@@ -488,7 +501,7 @@ def build_matrix_document(matrix: Matrix, table: pd.DataFrame | None = None) -> 
     _answer(doc, table)
     _overview(doc, matrix, table)
     _results(doc, table)
-    _plots(doc, matrix.cells)
+    _plots(doc, matrix.cells, table)
     _failures(doc, matrix.cells)
     _lr_sweeps(doc, table)
     _optimizers(doc, table)

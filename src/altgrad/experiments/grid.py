@@ -49,7 +49,7 @@ Example::
 
     >>> grid = load_grid("experiments/quick.yaml")
     >>> [cell.name for cell in grid.cells][:2]
-    ['E5M2-adamw-s0', 'E5M2-manifold_adamw-s0']
+    ['E5M2-adamw-s0', 'E5M2-adamw-s1']
     >>> grid.cells[0].config.run_dir
     PosixPath('runs/quick/E5M2-adamw-s0')
 """

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from altgrad.analysis.comparisons import ONE_SEED, find_equivalent_pairs, optimizer_comparison
+from altgrad.analysis.comparisons import find_equivalent_pairs, optimizer_comparison
 from altgrad.analysis.failure import FORWARD, GRADIENT, NONE, OPTIMIZER, classify_failure
 from altgrad.analysis.matrix import load_matrix
 from altgrad.analysis.matrix_report import failure_table, write_matrix_report
@@ -144,7 +144,8 @@ def table(matrix_dir):
 def test_results_per_cell_and_gap_to_fp32(table, matrix_dir, synth):
     rows = table.set_index("cell")
     assert rows.loc["e4m3-adamw-s0", "final_val_loss"] == pytest.approx(3.1)
-    assert rows.loc["e4m3-adamw-s0", "gap_to_fp32"] == pytest.approx(3.1 - 2.91)
+    assert rows.loc["e4m3-adamw-s0", "gap_to_fp32"] == pytest.approx(3.1 - 2.9)  # paired: fp32-s0
+    assert rows.loc["e4m3-adamw-s1", "gap_to_fp32"] == pytest.approx(3.11 - 2.92)  # paired: fp32-s1
     assert rows.loc["e4m3-adamw-s0", "min_stable_rank"] == pytest.approx(6.0)
     assert rows.loc["fp32-s0", "format"] == "fp32" and rows.loc["e5m2-adamw-s1", "format"] == "E5M2"
     assert math.isnan(rows.loc["e2m5-adamw-s0", "final_val_loss"])
@@ -152,7 +153,7 @@ def test_results_per_cell_and_gap_to_fp32(table, matrix_dir, synth):
     markdown = (matrix_dir / "report.md").read_text()
     shown = synth.markdown_table(markdown, "cell").set_index("cell")
     assert float(shown.loc["e4m3-adamw-s0", "final_val_loss"]) == pytest.approx(3.1)
-    assert float(shown.loc["e4m3-adamw-s0", "gap_to_fp32"]) == pytest.approx(0.19)
+    assert float(shown.loc["e4m3-adamw-s0", "gap_to_fp32"]) == pytest.approx(0.2)
     assert shown.loc["e2m5-adamw-s0", "final_val_loss"] == "—"
     assert shown.loc["e2m5-adamw-s0", "collapse_step"] == "—"
     assert shown.loc["e4m3-adamw-s0", "collapse_step"] == "none"
@@ -210,21 +211,27 @@ def test_failure_edge_cases(tmp_path, synth):
     assert classify_failure(load_run(synth.write_run(tmp_path / "late", None, late))).step == 19
 
 
-def test_manifold_vs_standard_verdicts(table, matrix_dir):
+def test_manifold_vs_standard_verdicts_paired_by_seed(table, matrix_dir, synth):
     comparison = optimizer_comparison(table)
     loss = comparison[comparison["metric"] == "final_val_loss"].set_index("format")
+    # E4M3: paired differences -0.5, -0.5: zero spread, the interval is the point -0.5
     assert loss.loc["E4M3", "diff"] == pytest.approx(-0.5)
-    assert loss.loc["E4M3", "verdict"].startswith(
-        "manifold_adamw gives lower final_val_loss than adamw by 0.5"
-    )
-    assert loss.loc["E5M2", "verdict"].startswith("within noise")
+    assert loss.loc["E4M3", "ci_high"] == pytest.approx(-0.5) and loss.loc["E4M3", "verdict"] == "better"
+    # E5M2: differences +0.01, -0.02: mean -0.005, sd 0.02121, t(0.975, 1) = 12.706 -> half width 0.1906
     assert loss.loc["E5M2", "diff"] == pytest.approx(-0.005)
-    assert loss.loc["E7M0", "optimizer"] == "grid" and loss.loc["E7M0", "verdict"] == ONE_SEED
+    assert loss.loc["E5M2", "ci_low"] == pytest.approx(-0.005 - 12.7062 * 0.0212132 / math.sqrt(2), abs=1e-4)
+    assert loss.loc["E5M2", "verdict"] == "cannot tell"
+    assert loss.loc["E7M0", "optimizer"] == "grid" and loss.loc["E7M0", "verdict"] == "cannot tell"
+    assert loss.loc["E7M0", "n"] == 1 and math.isnan(loss.loc["E7M0", "ci_low"])
     stall = comparison[comparison["metric"] == "mean_stall_ratio"].set_index("format")
-    assert stall.loc["E4M3", "verdict"] == "no difference"
+    assert stall.loc["E4M3", "verdict"] == "cannot tell"
     assert stall.loc["E7M0", "diff"] == pytest.approx(0.5 - 0.99)
     markdown = (matrix_dir / "report.md").read_text()
-    assert "cannot tell: one seed" in markdown and "within noise: the difference" in markdown
+    section = markdown[markdown.index("## Grid-aware vs standard optimizers") :]
+    shown = synth.markdown_table(section, "format")
+    shown = shown[shown["metric"] == "final_val_loss"].set_index("format")
+    assert shown.loc["E4M3", "verdict"] == "better" and shown.loc["E5M2", "verdict"] == "cannot tell"
+    assert "pooled std" not in markdown
 
 
 def test_equivalent_cells(matrix_dir, synth):

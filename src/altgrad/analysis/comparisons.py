@@ -1,9 +1,11 @@
-"""Comparisons across cells: grid-aware vs standard optimizers, equivalent formats, layer-rule sweet spots.
+"""Comparisons across cells: each optimizer at its best lr, grid-aware vs standard optimizers paired by
+seed, equivalent formats, layer-rule sweet spots.
 
 Example::
 
     >>> table = results_table(matrix.cells)                               # doctest: +SKIP
-    >>> optimizer_comparison(table)[["format", "optimizer", "metric", "diff", "verdict"]]  # doctest: +SKIP
+    >>> lr_sweep(table)[["format", "optimizer", "lr", "val_loss_mean", "chosen"]]  # doctest: +SKIP
+    >>> optimizer_comparison(table)[["format", "optimizer", "diff", "ci_low", "verdict"]]  # doctest: +SKIP
     >>> equivalent_pairs(matrix.cells, table)                             # doctest: +SKIP
     >>> rule_sets(matrix.cells, table)                                    # doctest: +SKIP
 """
@@ -18,13 +20,20 @@ import pandas as pd
 
 from altgrad.analysis.matrix import Cell
 from altgrad.analysis.runs import lookup, render_value
+from altgrad.analysis.stats import paired_difference
 
 STANDARD_OPTIMIZERS = ("adamw", "adam", "sgd")
-"""The reference in each comparison is the first of these present for the format."""
-NOISE_MULTIPLE = 2.0
-"""A difference is within noise when |diff| < NOISE_MULTIPLE x pooled std across seeds."""
-COMPARED_METRICS = ("final_val_loss", "mean_stall_ratio", "min_stable_rank")
-ONE_SEED = "cannot tell: one seed"
+"""The reference in each comparison is the first of these present for the setting."""
+LOSS_METRIC = "final_val_loss"
+DIAGNOSTIC_METRICS = ("mean_stall_ratio", "min_stable_rank")
+"""Compared like the loss, with "lower"/"higher" instead of "better"/"worse" (neither is good per se)."""
+SELECTION_BIAS = (
+    "Each optimizer runs at the lr with the lowest mean final val loss over seeds among the lrs swept "
+    "for it in the same setting. The lr is chosen on the same seeds it is then compared on, so a swept "
+    "optimizer's figures are optimistic by the spread among its lrs (every optimizer swept alike keeps "
+    "the comparison between them roughly fair; a gap to the unswept fp32 baseline is biased towards 0). "
+    "For an unbiased check, rerun the chosen lrs on new seeds."
+)
 EQUIVALENT_FORMATS = ("E1M6", "E0M7")
 """The same uniform grid of 128 magnitudes up to a power-of-two factor, which amax scaling absorbs."""
 EQUIVALENCE_RTOL = 1e-3
@@ -34,57 +43,61 @@ AMAX_SCALINGS = ("delayed", "current", "per_channel", "mx")
 an amax history or the current amax, per output channel, per MX block as a power of two)."""
 
 
-def _pooled_std(a: np.ndarray, b: np.ndarray) -> float:
-    dof = len(a) + len(b) - 2
-    return math.sqrt(((len(a) - 1) * np.var(a, ddof=1) + (len(b) - 1) * np.var(b, ddof=1)) / dof)
+def lr_sweep(table: pd.DataFrame) -> pd.DataFrame:
+    """Per quantized (setting, optimizer, lr): mean final val loss over seeds and how many seeds recorded
+    it; ``chosen`` marks, per (setting, optimizer), the lr with the lowest mean (the first on a tie).
 
-
-def verdict(metric: str, name: str, reference: str, a: np.ndarray, b: np.ndarray) -> tuple[float, float, str]:
-    """(mean difference a - b, pooled std, plain-language verdict) for the per-seed values ``a`` vs ``b``."""
-    if not len(a) or not len(b):
-        missing = [label for label, values in ((name, a), (reference, b)) if not len(values)]
-        return math.nan, math.nan, f"not recorded for {' and '.join(missing)}"
-    diff = float(np.mean(a) - np.mean(b))
-    if len(a) < 2 or len(b) < 2:
-        return diff, math.nan, ONE_SEED
-    pooled = _pooled_std(a, b)
-    if diff == 0.0:
-        return diff, pooled, "no difference"
-    bound = NOISE_MULTIPLE * pooled
-    if abs(diff) < bound:
-        return (
-            diff,
-            pooled,
-            f"within noise: the difference {abs(diff):.3g} is below "
-            f"{NOISE_MULTIPLE:g} x pooled std {bound:.3g}",
+    Columns: setting, format, storage, optimizer, lr, n_seeds, val_loss_mean, chosen.
+    """
+    quantized = table[table["baseline"].isna()]
+    rows = []
+    for (setting, optimizer, lr), members in quantized.groupby(
+        ["setting", "optimizer", "lr"], sort=False, dropna=False
+    ):
+        losses = members[LOSS_METRIC].dropna()
+        rows.append(
+            {
+                "setting": setting,
+                "format": members["format"].iloc[0],
+                "storage": members["storage"].iloc[0],
+                "optimizer": optimizer,
+                "lr": lr,
+                "n_seeds": len(losses),
+                "val_loss_mean": float(losses.mean()) if len(losses) else math.nan,
+            }
         )
-    direction = "lower" if diff < 0 else "higher"
-    return (
-        diff,
-        pooled,
-        (
-            f"{name} gives {direction} {metric} than {reference} by {abs(diff):.3g} "
-            f"(> {NOISE_MULTIPLE:g} x pooled std {bound:.3g})"
-        ),
-    )
+    sweep = pd.DataFrame(rows, columns=["setting", "format", "storage", "optimizer", "lr", "n_seeds",
+                                        "val_loss_mean"])  # fmt: skip
+    sweep["chosen"] = False
+    for _, members in sweep.groupby(["setting", "optimizer"], sort=False):
+        if members["val_loss_mean"].notna().any():
+            sweep.loc[members["val_loss_mean"].idxmin(), "chosen"] = True
+    return sweep
 
 
-def _recorded_metric(metric: str, a: pd.DataFrame, b: pd.DataFrame) -> str:
-    """``metric``, or the final train loss for the final val loss when a side never recorded a val loss."""
-    if metric == "final_val_loss" and not (a[metric].notna().any() and b[metric].notna().any()):
-        return "final_train_loss"
-    return metric
+def at_chosen_lr(table: pd.DataFrame) -> pd.DataFrame:
+    """The runs of ``table`` at their optimizer's chosen lr in their setting (baselines dropped)."""
+    chosen = lr_sweep(table)
+    chosen = chosen.loc[chosen["chosen"], ["setting", "optimizer", "lr"]]
+    quantized = table[table["baseline"].isna()]
+    return quantized.merge(chosen, on=["setting", "optimizer", "lr"], how="inner")
+
+
+def _by_seed(rows: pd.DataFrame, metric: str) -> dict:
+    return {seed: float(value) for seed, value in zip(rows["seed"], rows[metric], strict=True)}
 
 
 def optimizer_comparison(table: pd.DataFrame) -> pd.DataFrame:
-    """Per format (context), every optimizer vs the standard one on ``COMPARED_METRICS``.
+    """Per setting (format, storage, ...), every optimizer at its chosen lr vs the standard one at its
+    chosen lr, paired by seed: the mean difference (optimizer - reference) with its 95% t interval.
 
-    Columns: context, format, optimizer, reference, metric, mean, reference_mean, diff, pooled_std, n,
-    reference_n, verdict. The final loss is the val loss, or the train loss where val was not recorded.
+    Columns: setting, format, storage (the reference's; the grid optimizer has its own), optimizer, lr,
+    reference, reference_lr, metric, mean, reference_mean, diff, ci_low, ci_high, n, verdict. For the
+    final val loss the verdict is "better", "worse" or "cannot tell"; for the diagnostics "lower",
+    "higher" or "cannot tell".
     """
     rows = []
-    quantized = table[table["baseline"].isna()]
-    for context, members in quantized.groupby("context", sort=False):
+    for setting, members in at_chosen_lr(table).groupby("setting", sort=False):
         optimizers = list(dict.fromkeys(members["optimizer"]))
         reference = next((name for name in STANDARD_OPTIMIZERS if name in optimizers), None)
         if reference is None:
@@ -94,25 +107,26 @@ def optimizer_comparison(table: pd.DataFrame) -> pd.DataFrame:
             if optimizer == reference:
                 continue
             rows_a = members[members["optimizer"] == optimizer]
-            for wanted in COMPARED_METRICS:
-                metric = _recorded_metric(wanted, rows_a, ref_rows)
-                a = rows_a[metric].dropna().to_numpy(dtype=float)
-                b = ref_rows[metric].dropna().to_numpy(dtype=float)
-                diff, pooled, text = verdict(metric, optimizer, reference, a, b)
+            for metric in (LOSS_METRIC, *DIAGNOSTIC_METRICS):
+                names = {} if metric == LOSS_METRIC else {"lower": "lower", "higher": "higher"}
+                paired = paired_difference(_by_seed(rows_a, metric), _by_seed(ref_rows, metric), **names)
                 rows.append(
                     {
-                        "context": context,
-                        "format": members["label"].iloc[0],
+                        "setting": setting,
+                        "format": members["format"].iloc[0],
+                        "storage": ref_rows["storage"].iloc[0],
                         "optimizer": optimizer,
+                        "lr": rows_a["lr"].iloc[0],
                         "reference": reference,
+                        "reference_lr": ref_rows["lr"].iloc[0],
                         "metric": metric,
-                        "mean": float(np.mean(a)) if len(a) else math.nan,
-                        "reference_mean": float(np.mean(b)) if len(b) else math.nan,
-                        "diff": diff,
-                        "pooled_std": pooled,
-                        "n": len(a),
-                        "reference_n": len(b),
-                        "verdict": text,
+                        "mean": float(rows_a[metric].mean()),
+                        "reference_mean": float(ref_rows[metric].mean()),
+                        "diff": paired.mean,
+                        "ci_low": paired.ci_low,
+                        "ci_high": paired.ci_high,
+                        "n": paired.n,
+                        "verdict": paired.verdict,
                     }
                 )
     return pd.DataFrame(rows)

@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,15 @@ RULES_KEY = "quant.rules"
 FORMAT_KEYS = ("quant.weight", "quant.activation", "quant.grad")
 BASELINE_KEY_PREFIXES = ("quant.", "train.precision")
 """Assignment keys that make a cell a baseline; its ``baseline`` name says it, labels leave them out."""
+LR_KEYS = ("optimizer.lr", "train.lr")
+"""Assignment keys that set a learning rate: cells differing only in these are one optimizer's lr sweep."""
+STORAGE_KEY = "optimizer.weight_storage"
+MASTER_STORAGES = (None, "none", "fp32")
+"""``optimizer.weight_storage`` values that keep an fp32 master copy of the weights."""
+ON_GRID = "on grid (grid optimizer)"
+"""The storage of GridOptim, which keeps its weights on the format's grid (it takes no weight_storage)."""
+GRID_UNIT_OPTIMIZERS = ("manifold_adamw", "grid")
+"""Optimizers whose ``optimizer.lr`` defaults to 1.0 (grid units), as in RunConfig.optimizer_lr."""
 IDENTITY_LEAVES = ("name", "run_name", "out_dir", "output_dir", "run_dir", "dir", "path", "root")
 """Config leaves that name or locate a run rather than describe it; never treated as matrix axes."""
 
@@ -88,11 +98,40 @@ class Cell:
         return "quantized" if weight is None else render_value(weight)
 
     @property
+    def storage(self) -> str:
+        """How the optimizer stores the weights: ``fp32 master``, else the storage format (``quantized`` =
+        the layer's forward format) with its rounding and ``+ kahan``: ``quantized stochastic``; ``ON_GRID``
+        for the grid optimizer."""
+        storage = self._config(STORAGE_KEY)
+        if self.optimizer == "grid":
+            return ON_GRID
+        if storage is None or str(storage).strip().lower() in MASTER_STORAGES:
+            return "fp32 master"
+        text = f"{storage} {self._config('optimizer.storage_rounding') or 'nearest'}"
+        return text + " + kahan" if self._config("optimizer.kahan") else text
+
+    @property
+    def lr(self) -> float:
+        """The peak lr of the quantized weights in the optimizer's unit: ``optimizer.lr`` when set, else
+        1.0 for grid-unit optimizers and ``train.lr`` for the others (NaN when not recorded)."""
+        value = self._config("optimizer.lr")
+        if value is None:
+            value = 1.0 if self.optimizer in GRID_UNIT_OPTIMIZERS else self._config("train.lr")
+        return math.nan if value is None else float(value)
+
+    @property
+    def setting(self) -> str:
+        """Everything assigned except seed, optimizer and learning rate: the cells whose optimizers are
+        compared, each at its best lr."""
+        return self._label(exclude=(SEED_KEY, OPTIMIZER_KEY, *LR_KEYS))
+
+    @property
     def short_context(self) -> str:
-        """The context as values only (``E4M3 / mixed``), for plot legends and digests."""
+        """The setting as values only (``E4M3 / mixed``; the lr left out), for plot legends and digests."""
         if self.baseline:
             return self.baseline
-        values = [render_value(v) for k, v in self.assignment.items() if k not in (SEED_KEY, OPTIMIZER_KEY)]
+        left_out = (SEED_KEY, OPTIMIZER_KEY, *LR_KEYS)
+        values = [render_value(v) for k, v in self.assignment.items() if k not in left_out]
         return " / ".join(dict.fromkeys(values)) or self.format
 
     @property
@@ -132,10 +171,11 @@ class Matrix:
 
 
 def short_labels(cells: list[Cell]) -> dict[str, str]:
-    """A short label per context: the format when formats tell the contexts apart, else the values."""
-    formats = {cell.context: cell.format for cell in cells}
+    """A short label per context: the format when formats tell the settings (contexts up to the lr)
+    apart, else the values without the lr; contexts differing only in the lr share their label."""
+    formats = {cell.setting: cell.format for cell in cells}
     if len(set(formats.values())) == len(formats):
-        return formats
+        return {cell.context: cell.format for cell in cells}
     return {cell.context: cell.short_context for cell in cells}
 
 

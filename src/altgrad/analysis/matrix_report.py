@@ -1,8 +1,10 @@
-"""The report of an experiment matrix: results per cell and over seeds, plots per format, failure
-analysis, grid-aware vs standard optimizers, equivalent formats, layer-rule sweet spots, missing cells.
+"""The report of an experiment matrix: the answer per format, results per cell and over seeds with
+paired intervals, plots per format, failure analysis, lr sweeps, grid-aware vs standard optimizers at
+their best lr, equivalent formats, layer-rule sweet spots, missing cells.
 
 Writes ``report.html`` (self-contained), ``report.md`` and ``figures/*.png`` into ``out_dir``
-(default: the matrix folder).
+(default: the matrix folder), and the figures as ``results.csv`` (one row per configuration over its
+seeds) and ``results_by_seed.csv`` (one row per run), from which every interval can be recomputed.
 
 Example::
 
@@ -18,12 +20,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from altgrad.analysis.answer import answer_findings, answer_table
 from altgrad.analysis.comparisons import (
     EQUIVALENCE_RTOL,
-    NOISE_MULTIPLE,
+    SELECTION_BIAS,
     STANDARD_OPTIMIZERS,
+    at_chosen_lr,
     equivalence_table,
     find_equivalent_pairs,
+    lr_sweep,
     optimizer_comparison,
     rule_set_table,
 )
@@ -35,18 +40,31 @@ from altgrad.analysis.plots import (
     format_loss_figure,
     fractions_by_format_figure,
     heatmap_figure,
+    lr_sweep_figure,
 )
-from altgrad.analysis.results import GAP_REFERENCE, NUMERIC_FIELDS, aggregate_over_seeds, results_table
+from altgrad.analysis.results import (
+    GAP_REFERENCE,
+    NUMERIC_FIELDS,
+    aggregate_over_seeds,
+    results_by_cell,
+    results_by_seed,
+    results_table,
+)
 from altgrad.analysis.runs import Run, render_value
+from altgrad.analysis.stats import CONFIDENCE, interval_text
 from altgrad.analysis.summaries import STEP_FIELDS, SUMMARY_FIELDS, aggregate_series, layer_columns
 
 TENSOR_KINDS = ("weight", "activation", "grad")
+RESULTS_CSV = "results.csv"
+RESULTS_BY_SEED_CSV = "results_by_seed.csv"
 FINISHED = ("completed", "nan_stop")
 """Cell statuses that are results (a NaN stop is a finding); any other status is listed as missing/failed."""
 CELL_COLUMNS = (
     "cell",
     "label",
     "optimizer",
+    "storage",
+    "lr",
     "seed",
     "status",
     *SUMMARY_FIELDS[:4],
@@ -99,6 +117,20 @@ def seed_table_text(seeds: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def by_cell_text(by_cell: pd.DataFrame) -> pd.DataFrame:
+    """``results_by_cell`` as text, the gap as ``mean [low, high] verdict``."""
+    gaps = [
+        f"{interval_text(r.gap_to_fp32_mean, r.gap_ci_low, r.gap_ci_high, r.gap_n)} {r.gap_verdict}"
+        if not math.isnan(r.gap_to_fp32_mean)
+        else MISSING
+        for r in by_cell.itertuples()
+    ]
+    shown = by_cell[["cell", "format", "optimizer", "storage", "lr", "n_seeds", "val_loss_mean"]].copy()
+    shown[f"gap to {GAP_REFERENCE} [{CONFIDENCE:.0%} CI]"] = gaps
+    shown["failure_mode"] = by_cell["failure_mode"].fillna(MISSING)
+    return shown
+
+
 def _cell_table_text(table: pd.DataFrame) -> pd.DataFrame:
     shown = table[list(CELL_COLUMNS)].rename(columns={"label": "format"})
     for name in STEP_FIELDS:
@@ -129,8 +161,16 @@ def _results(doc: Document, table: pd.DataFrame) -> None:
     doc.heading("Results per cell")
     doc.table(_cell_table_text(table))
     doc.note(
-        f"{MISSING} = not recorded (or NaN). gap_to_fp32 = final val loss - mean final val loss of the "
-        f"{GAP_REFERENCE} baseline cells. Step columns: 'none' = did not happen."
+        f"{MISSING} = not recorded (or NaN). gap_to_fp32 = final val loss - final val loss of the "
+        f"{GAP_REFERENCE} baseline run with the same seed (same initialisation and data order). "
+        "Step columns: 'none' = did not happen."
+    )
+    doc.heading("Gap to fp32 per configuration")
+    doc.table(by_cell_text(results_by_cell(table)))
+    doc.note(
+        f"Gap = mean over seeds of the paired gap to {GAP_REFERENCE}, with its {CONFIDENCE:.0%} t interval "
+        "(n-1 degrees of freedom); 'better'/'worse' only when the interval excludes 0, else 'cannot "
+        "tell'. Every row is in results.csv, every run in results_by_seed.csv."
     )
     doc.heading("Results over seeds")
     doc.table(seed_table_text(aggregate_over_seeds(table)))
@@ -140,8 +180,21 @@ def _results(doc: Document, table: pd.DataFrame) -> None:
     )
 
 
-def _plots(doc: Document, cells: list[Cell]) -> None:
+def at_chosen_lr_cells(cells: list[Cell], table: pd.DataFrame) -> list[Cell]:
+    """``cells`` without those of a swept (setting, optimizer) at an lr other than the chosen one."""
+    sweep = lr_sweep(table)
+    swept = sweep.groupby(["setting", "optimizer"], sort=False)["lr"].transform("size") > 1
+    dropped = sweep[swept & ~sweep["chosen"]]
+    dropped_keys = set(zip(dropped["setting"], dropped["optimizer"], dropped["lr"], strict=True))
+    return [cell for cell in cells if (cell.setting, cell.optimizer, cell.lr) not in dropped_keys]
+
+
+def _plots(doc: Document, cells: list[Cell], table: pd.DataFrame) -> None:
     doc.heading("Plots")
+    shown = at_chosen_lr_cells(cells, table)
+    if len(shown) < len(cells):
+        doc.note("Each optimizer at its chosen lr (see Learning-rate sweeps); the other lrs are not plotted.")
+    cells = shown
     quantized = [cell for cell in cells if not cell.baseline]
     curves = _by_curve(cells)
     _loss_plot(doc, quantized, [cell for cell in cells if cell.baseline])
@@ -292,34 +345,91 @@ def _failures(doc: Document, cells: list[Cell]) -> None:
     doc.table(table)
 
 
+def _lr_sweeps(doc: Document, table: pd.DataFrame) -> None:
+    sweep = lr_sweep(table)
+    swept = sweep.groupby(["setting", "optimizer"], sort=False)["lr"].transform("size") > 1
+    if not swept.any():
+        return
+    doc.heading("Learning-rate sweeps")
+    doc.paragraph(SELECTION_BIAS)
+    shown = sweep[swept]
+    chosen = shown[shown["chosen"]]
+    doc.bullets(
+        [
+            f"{r.format} / {r.storage} / {r.optimizer}: lr {r.lr:g} (mean final val loss "
+            f"{format_cell(r.val_loss_mean)} over {r.n_seeds} seed(s))"
+            for r in chosen.itertuples()
+        ]
+    )
+    doc.table(shown.drop(columns=["setting"]))
+    curves: dict[str, dict[str, pd.Series]] = {}
+    marks: dict[str, dict[str, float]] = {}
+    short = dict(zip(shown["setting"], shown["format"] + " / " + shown["storage"], strict=True))
+    if len(set(short.values())) < len(short):  # format and storage do not tell the settings apart
+        short = {setting: setting for setting in short}
+    for (optimizer, setting), members in shown.groupby(["optimizer", "setting"], sort=False):
+        line = short[setting]
+        curves.setdefault(optimizer, {})[line] = members.set_index("lr")["val_loss_mean"].sort_index()
+        marks.setdefault(optimizer, {})[line] = float(members.loc[members["chosen"], "lr"].iloc[0])
+    doc.figure(
+        lr_sweep_figure(curves, marks),
+        "lr_sweep",
+        "Mean final val loss against the lr, per optimizer (its own unit); stars: the chosen lr",
+    )
+
+
 def _optimizers(doc: Document, table: pd.DataFrame) -> None:
     doc.heading("Grid-aware vs standard optimizers")
     comparison = optimizer_comparison(table)
     if comparison.empty:
         doc.note(
-            f"No format was run with both a standard optimizer ({', '.join(STANDARD_OPTIMIZERS)}) and "
+            f"No setting was run with both a standard optimizer ({', '.join(STANDARD_OPTIMIZERS)}) and "
             "another one."
         )
         return
     doc.paragraph(
-        f"diff = optimizer mean - reference mean over seeds. A difference is within noise when "
-        f"|diff| < {NOISE_MULTIPLE:g} x pooled std across seeds; with fewer than 2 seeds on either side "
-        "the verdict is 'cannot tell: one seed'."
+        "Each optimizer at its chosen lr against the standard one at its chosen lr, in the same format and "
+        "storage, paired by seed: diff = mean over seeds of (optimizer - reference), with its "
+        f"{CONFIDENCE:.0%} t interval [ci_low, ci_high] (n-1 degrees of freedom). The verdict reads the "
+        "interval only: 'better'/'worse' (final val loss) or 'lower'/'higher' (diagnostics) when it "
+        "excludes 0, else 'cannot tell' (always with a single seed)."
     )
     columns = [
         "format",
+        "storage",
         "optimizer",
+        "lr",
         "reference",
+        "reference_lr",
         "metric",
         "mean",
         "reference_mean",
         "diff",
-        "pooled_std",
+        "ci_low",
+        "ci_high",
         "n",
-        "reference_n",
         "verdict",
     ]
     doc.table(comparison[columns])
+
+
+def _answer(doc: Document, table: pd.DataFrame) -> None:
+    doc.heading("The answer")
+    chosen = at_chosen_lr(table)
+    if chosen.empty:
+        doc.note("No quantized run with a final val loss: nothing to answer yet.")
+        return
+    comparison = optimizer_comparison(table)
+    doc.paragraph(
+        f"Per format: the gap to {GAP_REFERENCE} of the standard recipe (fp32 master weights) and its "
+        "cause (failure attribution, see Failure analysis), the configuration with the lowest mean final "
+        "val loss, and whether grid-aware updates beat the standard optimizer at equal format and storage. "
+        f"Gaps and differences are paired by seed with {CONFIDENCE:.0%} t intervals; 'better'/'worse' only "
+        "when the interval excludes 0. 'Best' is picked on the same seeds it is reported on (optimistic); "
+        "each optimizer runs at its chosen lr (see Learning-rate sweeps)."
+    )
+    doc.table(answer_table(results_by_cell(chosen), comparison))
+    doc.bullets(answer_findings(comparison))
 
 
 def _equivalents(doc: Document, cells: list[Cell], table: pd.DataFrame) -> None:
@@ -384,14 +494,16 @@ def _missing(doc: Document, cells: list[Cell]) -> None:
     )
 
 
-def build_matrix_document(matrix: Matrix) -> Document:
-    """The full matrix report, ready to ``write``."""
-    table = results_table(matrix.cells)
+def build_matrix_document(matrix: Matrix, table: pd.DataFrame | None = None) -> Document:
+    """The full matrix report, ready to ``write`` (``table``: the matrix's ``results_table``, if made)."""
+    table = results_table(matrix.cells) if table is None else table
     doc = Document(f"Matrix report: {matrix.path.resolve().name}")
+    _answer(doc, table)
     _overview(doc, matrix, table)
     _results(doc, table)
-    _plots(doc, matrix.cells)
+    _plots(doc, matrix.cells, table)
     _failures(doc, matrix.cells)
+    _lr_sweeps(doc, table)
     _optimizers(doc, table)
     _equivalents(doc, matrix.cells, table)
     _rules(doc, matrix.cells, table)
@@ -400,6 +512,12 @@ def build_matrix_document(matrix: Matrix) -> Document:
 
 
 def write_matrix_report(matrix_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Write report.html, report.md and figures/ for a matrix folder; return the path of report.html."""
+    """Write report.html, report.md, figures/, results.csv and results_by_seed.csv for a matrix folder;
+    return the path of report.html."""
     matrix = load_matrix(matrix_dir)
-    return build_matrix_document(matrix).write(Path(matrix_dir) if out_dir is None else Path(out_dir))
+    out_dir = Path(matrix_dir) if out_dir is None else Path(out_dir)
+    table = results_table(matrix.cells)
+    html = build_matrix_document(matrix, table).write(out_dir)
+    results_by_cell(table).to_csv(out_dir / RESULTS_CSV, index=False)
+    results_by_seed(table).to_csv(out_dir / RESULTS_BY_SEED_CSV, index=False)
+    return html

@@ -223,3 +223,27 @@ def heatmap_figure(table: pd.DataFrame, title: str, colorbar_label: str) -> Figu
     ax.set_title(title, fontsize=10)
     figure.colorbar(image, ax=ax, label=colorbar_label)
     return figure
+
+
+def lr_sweep_figure(sweeps: dict[str, dict[str, pd.Series]], chosen: dict[str, dict[str, float]]) -> Figure:
+    """One panel per optimizer (lrs are in its own unit): mean final val loss over seeds against the lr,
+    one line per setting; a star marks the chosen lr of each line."""
+    cols = min(2, max(1, len(sweeps)))
+    rows = math.ceil(len(sweeps) / cols)
+    figure, axes = _figure(rows=rows, cols=cols, width=5.5 * cols, height=3.4)
+    for ax, (optimizer, lines) in zip(axes.flat, sweeps.items(), strict=False):
+        colors = _colors(list(lines))
+        for setting, series in lines.items():
+            ax.plot(series.index, series.to_numpy(), "o-", ms=3, lw=1.0, color=colors[setting], label=setting)
+            best = chosen.get(optimizer, {}).get(setting)
+            if best is not None and best in series.index:
+                ax.plot([best], [series[best]], "*", ms=11, color=colors[setting], mec="black")
+        ax.set_xscale("log")
+        ax.set_title(f"{optimizer} (star: chosen lr)", fontsize=10)
+        ax.set_xlabel("lr (the optimizer's own unit)")
+        ax.set_ylabel("final val loss, mean over seeds")
+        ax.grid(alpha=0.3)
+        _legend(ax, len(lines))
+    for ax in list(axes.flat)[len(sweeps) :]:
+        ax.set_visible(False)
+    return figure

@@ -11,6 +11,9 @@ A grid file::
       quant.rules:                    # compound values (lists, mappings) need a label
         - {label: uniform, value: []}
         - {label: mixed, value: [{pattern: "*.mlp.*", weight: E3M4, activation: E3M4}]}
+      optimizer.lr:                   # values that depend on an earlier axis: {by: <axis>, values: ...}
+        by: optimizer.name
+        values: {adamw: [1.0e-3, 3.0e-3], manifold_adamw: [0.5, 1.0]}
       seed: [0, 1]
     exclude:                          # drop the product cells that match every key of an entry
       - {optimizer.name: manifold_adamw, quant.rules: mixed}
@@ -19,6 +22,10 @@ A grid file::
     baselines:                        # crossed with the seed axis only
       fp32: {train.precision: fp32, quant.enabled: false}
       bf16: {train.precision: bf16, quant.enabled: false}
+
+A dependent axis lists its values per value (label) of an earlier axis, which it names with ``by``:
+each cell takes the list of its own ``by`` value (here: each optimizer its own learning rates), so a
+grid can sweep settings whose meaningful range differs between the values of another axis.
 
 A value is set at its key path in the base config; a mapping value is merged into the mapping already
 there, anything else (a list included) replaces it. Exclude entries name compound values by label.
@@ -42,7 +49,7 @@ Example::
 
     >>> grid = load_grid("experiments/quick.yaml")
     >>> [cell.name for cell in grid.cells][:2]
-    ['E5M2-adamw-s0', 'E5M2-manifold_adamw-s0']
+    ['E5M2-adamw-s0', 'E5M2-adamw-s1']
     >>> grid.cells[0].config.run_dir
     PosixPath('runs/quick/E5M2-adamw-s0')
 """
@@ -52,7 +59,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import itertools
 import json
 import re
 from dataclasses import dataclass
@@ -211,6 +217,49 @@ def _mark_equivalent(cells: list[Cell]) -> list[Cell]:
     return marked
 
 
+def _parse_axis_values(key: str, values: Any) -> list[_Value]:
+    if not isinstance(values, list) or not values:
+        raise GridError(f"axes.{key}: expected a non-empty list of values")
+    parsed = [_parse_value(v, f"axes.{key}[{i}]") for i, v in enumerate(values)]
+    labels = [repr(v.label) for v in parsed]
+    if len(set(labels)) != len(labels):
+        raise GridError(f"axes.{key}: a value (or label) is listed twice: {values!r}")
+    return parsed
+
+
+def _parse_dependent_axis(
+    key: str, spec: dict[str, Any], earlier: dict[str, list[_Value]]
+) -> tuple[str, dict[Any, list[_Value]]]:
+    """``{by: <earlier axis>, values: {<its label>: [values], ...}}`` -> (by, label -> parsed values)."""
+    if set(spec) != {"by", "values"} or not isinstance(spec["values"], dict):
+        expected = "a list of values or {by: <axis>, values: {<value>: [...]}}"
+        raise GridError(f"axes.{key}: expected {expected}")
+    by = str(spec["by"])
+    if by not in earlier:
+        raise GridError(f"axes.{key}.by: {by!r} is not an axis listed before it; axes: {', '.join(earlier)}")
+    labels = [v.label for v in earlier[by]]
+    unknown = [label for label in spec["values"] if label not in labels]
+    missing = [label for label in labels if label not in spec["values"]]
+    if unknown or missing:
+        problem = f"unknown {unknown!r}" if unknown else f"missing {missing!r}"
+        raise GridError(f"axes.{key}.values: one list per value of {by} ({labels!r}); {problem}")
+    return by, {label: _parse_axis_values(f"{key}.values.{label}", spec["values"][label]) for label in labels}
+
+
+def _combinations(
+    axes: dict[str, list[_Value]], dependent: dict[str, tuple[str, dict[Any, list[_Value]]]]
+) -> list[dict[str, _Value]]:
+    """The cartesian product of the axes in order; a dependent axis ranges over its ``by`` value's list."""
+    combinations: list[dict[str, _Value]] = [{}]
+    for key, values in axes.items():
+        if key in dependent:
+            by, per_value = dependent[key]
+            combinations = [c | {key: v} for c in combinations for v in per_value[c[by].label]]
+        else:
+            combinations = [c | {key: v} for c in combinations for v in values]
+    return combinations
+
+
 def _read_base(raw: Any, root: Path) -> dict[str, Any]:
     if raw is None:
         return {}
@@ -247,16 +296,16 @@ def expand_grid(spec: dict[str, Any], root: Path = Path("."), default_name: str 
     raw_axes = spec.get("axes") or {}
     if not isinstance(raw_axes, dict):
         raise GridError("axes: expected a mapping of key path -> list of values")
-    axes: dict[str, list[_Value]] = {}
+    axes: dict[str, list[_Value]] = {}  # every value an axis can take (a dependent axis: all its lists)
+    dependent: dict[str, tuple[str, dict[Any, list[_Value]]]] = {}  # key -> (by, by-label -> values)
     for key, values in raw_axes.items():
         _split_key(key)
-        if not isinstance(values, list) or not values:
-            raise GridError(f"axes.{key}: expected a non-empty list of values")
-        parsed = [_parse_value(v, f"axes.{key}[{i}]") for i, v in enumerate(values)]
-        labels = [repr(v.label) for v in parsed]
-        if len(set(labels)) != len(labels):
-            raise GridError(f"axes.{key}: a value (or label) is listed twice: {values!r}")
-        axes[str(key)] = parsed
+        if isinstance(values, dict):
+            by, per_value = _parse_dependent_axis(str(key), values, axes)
+            dependent[str(key)] = (by, per_value)
+            axes[str(key)] = list({repr(v.label): v for vs in per_value.values() for v in vs}.values())
+        else:
+            axes[str(key)] = _parse_axis_values(str(key), values)
 
     def resolve(settings: dict[str, _Value], cell_name: str) -> tuple[RunConfig, dict[str, Any]]:
         data = copy.deepcopy(base)
@@ -292,8 +341,7 @@ def expand_grid(spec: dict[str, Any], root: Path = Path("."), default_name: str 
                 raise GridError(f"exclude[{i}].{key}: {value.label!r} is not one of the axis values")
 
     cells = []
-    for combination in itertools.product(*axes.values()):
-        settings = dict(zip(axes, combination, strict=True))
+    for settings in _combinations(axes, dependent):
         if any(all(settings[k].label == v.label for k, v in entry.items()) for entry in exclude):
             continue
         cells.append(make_cell(settings, [_token(_split_key(k)[0], v.label) for k, v in settings.items()]))

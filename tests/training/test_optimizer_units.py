@@ -47,17 +47,24 @@ def test_zero_gradient_decays_by_the_same_factor_under_every_optimizer(name):
     torch.testing.assert_close(w.detach().double(), expected, rtol=1e-6, atol=0)
 
 
-def test_zero_gradient_decay_of_grid_optim_is_adamws_in_expectation():
-    """1.25 in E4M3 (spacing 1/8 on both sides): 0.005 * 1.25 / (1/8) = 0.05 rung, so one rung down
-    with probability 0.05 and E[w'] = 1.25 - 0.05/8 = 1.25 * 0.995."""
+@pytest.mark.parametrize(
+    "w0, rung, below",
+    [
+        (1.25, 1 / 8, 1.125),  # inside a binade: 0.005 * 1.25 / (1/8) = 0.05 rung
+        (1.0, 1 / 16, 0.9375),  # a power of two: the rung toward zero is 1/16, 0.005 / (1/16) = 0.08 rung
+    ],
+)
+def test_zero_gradient_decay_of_grid_optim_is_adamws_in_expectation(w0, rung, below):
+    """One rung toward zero with probability p = 0.005 w0 / rung, so E[w'] = w0 - p rung = 0.995 w0."""
     n = 40000
-    w = torch.nn.Parameter(torch.full((n,), 1.25))
+    w = torch.nn.Parameter(torch.full((n,), w0))
     opt = GridOptim([{"params": [w], "format": E4M3}], lr=1.0, weight_decay=WD, weight_lr=WEIGHT_LR, seed=0)
     w.grad = torch.zeros(n)
     opt.step()
-    assert set(w.detach().tolist()) == {1.25, 1.125}
-    sigma = 0.125 * math.sqrt(0.05 * 0.95 / n)  # std of the mean of n one-rung Bernoulli(0.05) moves
-    assert abs(w.detach().double().mean().item() - 1.25 * 0.995) < 5 * sigma
+    assert set(w.detach().tolist()) == {w0, below}
+    p = 0.005 * w0 / rung
+    sigma = rung * math.sqrt(p * (1 - p) / n)  # std of the mean of n one-rung Bernoulli(p) moves
+    assert abs(w.detach().double().mean().item() - w0 * 0.995) < 5 * sigma
 
 
 # ---- realised step sizes -----------------------------------------------------------------------------------

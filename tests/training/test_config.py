@@ -48,3 +48,25 @@ def test_yaml_file_round_trip(tmp_path):
     again = load_config(tmp_path / "c.yaml")
     assert again == config
     assert again.quant.rules[0].weight == "none"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "lr", "storage"),
+    [
+        (["optimizer.name=adamw", "train.lr=0.002"], 0.002, None),
+        (["optimizer.name=manifold_adamw", "optimizer.weight_storage=quantized"], 1.0, "quantized"),
+        (["optimizer.name=manifold_adamw", "optimizer.manifold_mode=grad_scale", "train.lr=0.002"], 0.002,
+         None),
+        (["optimizer.name=grid", "optimizer.weight_storage=fp32"], 1.0, "none"),
+        (["optimizer.name=madam", "optimizer.weight_storage=bfloat16"], 0.01, "bfloat16"),
+        (["optimizer.name=madam", "optimizer.lr=0.1", "optimizer.weight_storage=E5M2"], 0.1, "E5M2"),
+    ],
+)
+def test_optimizer_lr_defaults_to_its_own_unit_and_storage_is_named(overrides, lr, storage):
+    config = load_config(None, overrides)
+    assert config.optimizer_lr == lr and config.optimizer.weight_storage == storage
+
+
+def test_unknown_weight_storage_names_the_key():
+    with pytest.raises(ConfigError, match="key .optimizer.weight_storage.: unknown format .quantised."):
+        load_config(None, ["optimizer.weight_storage=quantised"])

@@ -7,11 +7,18 @@ bits carried in an fp32 compensation buffer) recover the fp32 result.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from altgrad.quantization.flip_metrics import WeightFlipTracker
-from altgrad.training.optimizer import SGD, AdamW
+from altgrad.quantization.ops import quantize
+from altgrad.training.checkpoint import load_checkpoint
+from altgrad.training.config import load_config
+from altgrad.training.optimizer import OPTIMIZERS, SGD, AdamW
+from altgrad.training.trainer import Trainer, resume
+from altgrad.training.trainer import train as run_training
 
 STEPS, UPDATE, COPIES = 500, 1e-3, 4096
 TARGET = 1.0 + STEPS * UPDATE  # 1.5: still in [1, 2), where the bfloat16 spacing is 2^-7
@@ -108,3 +115,95 @@ def test_mlp_training_stalls_with_nearest_and_recovers_with_stochastic_rounding_
         stalls, _, final = train({"weight_storage": "bfloat16", **storage})
         assert all(ratio < 0.8 for ratio in stalls.values()), (storage, stalls)  # measured: ~0.72
         assert final < 1.05 * fp32_final, (storage, final, fp32_final)  # measured: 0.364, 0.362 vs 0.362
+
+
+# ---- the no-master regime from the run config -------------------------------------------------------------
+
+TINY_RUN = [
+    "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=16", "train.batch_size=4",
+    "train.warmup_steps=2", "train.eval_interval=100", "train.eval_batches=1", "logging.progress=false",
+    "diagnostics.rank_interval=100", "diagnostics.grad_stats_interval=100",
+]  # fmt: skip
+TIMING_KEYS = {"tokens_per_s", "elapsed_s"}
+
+
+def off_grid_counts(trainer: Trainer, storage: str) -> list[int]:
+    """After every optimizer step: the number of weights not equal to their rounding into the storage."""
+    counts: list[int] = []
+
+    def check(optimizer, args, kwargs) -> None:
+        with torch.no_grad():
+            if storage == "quantized":
+                for layer in trainer.tracked.values():
+                    fmt, scale = trainer.quant_info(layer.weight)
+                    counts.append(int((quantize(layer.weight, fmt, scale) != layer.weight).sum()))
+            else:
+                for p in trainer.model.parameters():
+                    counts.append(int((quantize(p, storage) != p).sum()))
+
+    trainer.optimizer.register_step_post_hook(check)
+    return counts
+
+
+@pytest.mark.parametrize(
+    "name, storage",
+    [(name, "quantized") for name in OPTIMIZERS]
+    + [("madam", "bfloat16"), ("sgd", "E5M2"), ("adamw", "none")],
+)
+def test_weight_storage_from_the_config_keeps_weights_in_the_format(tmp_path, name, storage):
+    rounding = "stochastic" if name == "grid" else "nearest"
+    config = load_config(None, [
+        *TINY_RUN, f"out_dir={tmp_path}", "train.max_steps=4", f"optimizer.name={name}",
+        f"optimizer.weight_storage={storage}", f"optimizer.storage_rounding={rounding}",
+    ])  # fmt: skip
+    trainer = Trainer(config)
+    counts = off_grid_counts(trainer, storage if storage != "none" else "quantized")
+    assert trainer.run()["status"] == "completed"
+    assert len(counts) >= 4
+    if storage == "none":  # the control: an fp32 master copy lies off the grid
+        assert sum(counts) > 0
+    else:
+        assert sum(counts) == 0, counts
+
+
+@pytest.mark.parametrize("name", ["adamw", "madam"])
+def test_resume_with_stochastic_storage_and_kahan_equals_an_uninterrupted_run(tmp_path, monkeypatch, name):
+    def config(run):
+        return load_config(None, [
+            *TINY_RUN, f"out_dir={tmp_path}", f"name={run}", "train.max_steps=12", "checkpoint.interval=6",
+            f"optimizer.name={name}", "optimizer.weight_storage=quantized",
+            "optimizer.storage_rounding=stochastic", "optimizer.kahan=true",
+        ])  # fmt: skip
+
+    uninterrupted = config("whole")
+    run_training(uninterrupted)
+    crashing = config("crashed")
+    real_step = Trainer._train_step
+
+    def crash_at_step_9(self, measure):
+        if self.step == 9:
+            raise RuntimeError("simulated crash")
+        return real_step(self, measure)
+
+    monkeypatch.setattr(Trainer, "_train_step", crash_at_step_9)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_training(crashing)
+    monkeypatch.undo()
+    (crashing.run_dir / "checkpoints" / "step_9.pt").unlink(missing_ok=True)  # resume from step 6
+    assert resume(crashing.run_dir)["status"] == "completed"
+
+    def records(run):
+        lines = (run.run_dir / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in lines]
+
+    assert records(crashing) == records(uninterrupted)
+    a = load_checkpoint(uninterrupted.run_dir / "checkpoints" / "step_12.pt")
+    b = load_checkpoint(crashing.run_dir / "checkpoints" / "step_12.pt")
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    kahan = [s["kahan_comp"] for s in a["optimizer"]["state"].values() if "kahan_comp" in s]
+    assert kahan and any(bool(c.abs().sum() > 0) for c in kahan)
+    for index, state in a["optimizer"]["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, b["optimizer"]["state"][index][key]), (index, key)

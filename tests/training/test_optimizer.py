@@ -14,6 +14,7 @@ from altgrad.training.optimizer import (
     SGD,
     AdamW,
     GridOptim,
+    Madam,
     ManifoldAdamW,
     build_optimizer,
     quant_info_from_model,
@@ -58,19 +59,44 @@ def test_adamw_matches_torch_bit_for_bit():
         assert torch.equal(a, b)
 
 
+def torch_sgd_with_decoupled_decay(groups, **kwargs):
+    """The reference: torch.optim.SGD without its coupled decay, AdamW's ``w (1 - lr wd)`` by hand first."""
+    opt = torch.optim.SGD([g | {"weight_decay": 0.0} for g in groups], foreach=False, **kwargs)
+    decays, torch_step = [g["weight_decay"] for g in groups], opt.step
+
+    def step():
+        with torch.no_grad():
+            for group, wd in zip(opt.param_groups, decays, strict=True):
+                for p in group["params"]:
+                    p.mul_(1 - group["lr"] * wd)
+        return torch_step()
+
+    opt.step = step
+    return opt
+
+
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_sgd_matches_torch_bit_for_bit(nesterov):
     ours = _random_run(lambda g: SGD(g, lr=0.05, momentum=0.9, nesterov=nesterov))
-    ref = _random_run(lambda g: torch.optim.SGD(g, lr=0.05, momentum=0.9, nesterov=nesterov, foreach=False))
+    ref = _random_run(lambda g: torch_sgd_with_decoupled_decay(g, lr=0.05, momentum=0.9, nesterov=nesterov))
     for a, b in zip(ours, ref, strict=True):
         assert torch.equal(a, b)
 
 
-def test_manifold_falls_back_to_adamw_for_unquantized_parameters():
-    ours = _random_run(lambda g: ManifoldAdamW(g, lr=0.01, weight_decay=0.1, quant_info=lambda p: None))
+@pytest.mark.parametrize("cls", [ManifoldAdamW, GridOptim, Madam])
+def test_parameters_without_a_format_get_adamw_at_weight_lr(cls):
+    """A foreign model's ``model.parameters()``: plain AdamW at ``weight_lr``, whatever ``lr`` says."""
+    ours = _random_run(lambda g: cls(g, lr=1.0, weight_lr=0.01, weight_decay=0.1, quant_info=lambda p: None))
     ref = _random_run(lambda g: torch.optim.AdamW(g, lr=0.01, weight_decay=0.1, foreach=False))
     for a, b in zip(ours, ref, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", [ManifoldAdamW, GridOptim, Madam])
+def test_parameters_without_a_format_default_to_weight_lr_1e_3(cls):
+    w = param(1.0, -1.0)
+    step_with(cls([w], weight_decay=0.0), w, 1.0, -1.0)  # lr left at its grid-unit default
+    torch.testing.assert_close(w.detach(), torch.tensor([1.0 - 1e-3, -1.0 + 1e-3]), rtol=0, atol=1e-7)
 
 
 # ---- ManifoldAdamW ----------------------------------------------------------------------------------------
@@ -112,14 +138,6 @@ def test_ulp_step_per_channel_scale():
     torch.testing.assert_close(
         w.detach(), torch.tensor([[0.5, -0.25], [0.5, -0.25]]) - spacing, rtol=1e-6, atol=0
     )
-
-
-def test_ulp_weight_decay_is_in_grid_steps_and_stops_at_zero():
-    w = param(1.0, 1e-4, -1.0)
-    opt = ManifoldAdamW([w], lr=1.0, weight_decay=0.5, quant_info=lambda p: (E4M3, 1.0))
-    step_with(opt, w, 0, 0, 0)  # zero gradient: only the decay moves the weights
-    # 1.0: 0.5 * 2^-3 toward zero; 1e-4: the pull 0.5 * 2^-9 > 1e-4, so it stops at 0 (no crossing)
-    assert w.detach().tolist() == [0.9375, 0.0, -0.9375]
 
 
 def test_grad_scale_first_step_hand_computed():
@@ -211,78 +229,95 @@ def test_quant_info_from_model_reads_duck_typed_layers():
 # ---- GridOptim -----------------------------------------------------------------------------------------
 
 
+# With |g| = 1 the first Adam direction d = m_hat / (sqrt(v_hat) + 1e-8) is +-1 in float32: a step of
+# lr d rungs is the whole number lr (no random draw) wherever lr is an integer.
+
+
 def grid(p, fmt, **kw):
-    kw.setdefault("momentum", 0.0)
     return GridOptim([{"params": [p], "format": fmt}], **{"lr": 1.0, "seed": 0, **kw})
 
 
 def test_grid_e0m7_moves_whole_rungs():
     w = param(0.5, 0.5, 1 / 128)
-    out = step_with(grid(w, E0M7), w, 2 / 128, -3 / 128, 3 / 128)  # g / S = 2, -3, 3 (integers: no draw)
-    assert (w.detach() * 128).tolist() == [62.0, 67.0, -2.0]  # crosses zero through the single 0
-    assert int(out["flips"]) == 3 and int(out["updates"]) == 3 and out["loss"] is None
+    opt = grid(w, E0M7, lr=2.0)
+    assert step_with(opt, w, 1.0, -1.0, 1.0) is None  # step returns the (absent) closure loss
+    assert (w.detach() * 128).tolist() == [62.0, 66.0, -1.0]  # crosses zero through the single 0
+    assert int(opt.last_step_stats["flips"]) == 3 and int(opt.last_step_stats["updates"]) == 3
+
+
+def test_grid_step_returns_the_closure_loss():
+    w = param(0.5)
+    opt = grid(w, E0M7)
+
+    def closure():
+        w.grad = torch.ones(1)
+        return torch.tensor(3.0)
+
+    assert opt.step(closure).item() == 3.0 and w.item() * 128 == 63.0
 
 
 def test_grid_e7m0_walks_powers_of_two():
     w = param(1.0, 1.0, 1.0, 0.25)
-    out = step_with(grid(w, E7M0), w, 1.0, -2.0, 0.0, -0.75)  # rungs 1, -2, 0, -3
-    assert w.detach().tolist() == [0.5, 4.0, 1.0, 2.0]
-    assert int(out["flips"]) == 3 and int(out["updates"]) == 3
+    opt = grid(w, E7M0)
+    step_with(opt, w, 1.0, -1.0, 0.0, -1.0)  # rungs 1, -1, 0 (d = 0/(0 + eps)), -1
+    assert w.detach().tolist() == [0.5, 2.0, 1.0, 0.5]
+    assert int(opt.last_step_stats["flips"]) == 3 and int(opt.last_step_stats["updates"]) == 3
 
 
 def test_grid_clamps_at_table_ends_and_clips_rungs():
     w = param(448.0, -448.0, 0.0)
-    opt = grid(w, E4M3, rung_clip=4.0)
-    out = step_with(opt, w, -1e9, 1e9, 1e9)  # velocity clipped to +-4 rungs
+    opt = grid(w, E4M3, lr=10.0, rung_clip=4.0)
+    step_with(opt, w, -1.0, 1.0, 1.0)  # lr d = +-10 rungs, clipped to +-4
     assert w.detach().tolist() == [448.0, -448.0, -4 * 2**-9]  # 4 subnormal rungs below zero
-    assert opt.state[w]["velocity"].tolist() == [-4.0, 4.0, 4.0]
-    assert int(out["flips"]) == 1
+    assert int(opt.last_step_stats["flips"]) == 1
 
 
-def test_grid_momentum_in_rungs_and_weight_decay():
-    w = param(0.0)
-    opt = grid(w, E0M7, momentum=0.5)
-    step_with(opt, w, -2 / 128)  # v = 2
-    step_with(opt, w, -2 / 128)  # v = 0.5 * 2 + 2 = 3
-    assert w.item() * 128 == 5.0
-    w2 = param(0.5)
-    step_with(grid(w2, E0M7, weight_decay=2 / 128 / 0.5), w2, 0.0)  # (g + wd w) / S = 2 rungs
-    assert w2.item() * 128 == 62.0
+def test_grid_follows_adams_direction():
+    """betas (0.5, 0.5): step 1 g = -1 gives d = -1; step 2 g = +1 gives m_hat = 0.25/0.75 = 1/3 and
+    v_hat = 0.75/0.75 = 1, so d = 1/3: one rung down with probability 1/3."""
+    w = torch.nn.Parameter(torch.zeros(30000))
+    opt = grid(w, E0M7, betas=(0.5, 0.5))
+    step_with(opt, w, *([-1.0] * 30000))
+    assert torch.all(w.detach() == 1 / 128)
+    step_with(opt, w, *([1.0] * 30000))
+    moved = (w.detach() == 0).float().mean().item()
+    assert set((w.detach() * 128).tolist()) == {0.0, 1.0}
+    assert abs(moved - 1 / 3) < 0.014  # 5 sigma of a Bernoulli(1/3) mean over 30000
 
 
 def test_grid_stochastic_rounding_is_unbiased_and_seeded():
     def run(seed):
         w = torch.nn.Parameter(torch.full((20000,), 0.5))
-        out = step_with(grid(w, E0M7, seed=seed), w, *([0.25 / 128] * 20000))  # v = 0.25 rung
-        return w.detach().clone(), out
+        opt = grid(w, E0M7, lr=0.25, seed=seed)
+        step_with(opt, w, *([1.0] * 20000))  # d = 1: 0.25 rung
+        return w.detach().clone(), opt.last_step_stats
 
-    a, out = run(0)
+    a, stats = run(0)
     moved = (a != 0.5).float().mean().item()
     assert abs(moved - 0.25) < 0.015  # 5 sigma of a Bernoulli(0.25) mean over 20000
-    assert int(out["flips"]) == int((a != 0.5).sum()) and int(out["updates"]) == 20000
+    assert int(stats["flips"]) == int((a != 0.5).sum()) and int(stats["updates"]) == 20000
     assert torch.equal(a, run(0)[0]) and not torch.equal(a, run(1)[0])
+
+
+def test_grid_weight_decay_in_rungs():
+    w = param(0.5)  # E0M7: S = 1/128, so weight_lr wd w / S = (1/32)(0.5)(128) = 2 rungs
+    step_with(grid(w, E0M7, weight_decay=0.5, weight_lr=1 / 16), w, 0.0)
+    assert w.item() * 128 == 62.0
 
 
 def test_grid_projects_off_grid_master_weights_and_keeps_nan():
     w = param(0.503, float("nan"))
-    out = step_with(grid(w, E0M7), w, 0.0, 0.0)
+    opt = grid(w, E0M7)
+    step_with(opt, w, 0.0, 0.0)
     assert w[0].item() == 0.5 and torch.isnan(w[1])
-    assert int(out["flips"]) == 0 and int(out["updates"]) == 0
+    assert int(opt.last_step_stats["flips"]) == 0 and int(opt.last_step_stats["updates"]) == 0
 
 
 def test_grid_per_channel_scale():
     w = torch.nn.Parameter(torch.tensor([[0.5], [4.0]]))
     scale = torch.tensor([[1.0], [8.0]])
-    step_with(GridOptim([w], lr=1.0, momentum=0.0, quant_info=lambda p: (E0M7, scale)), w, 1 / 128, 8 / 128)
+    step_with(GridOptim([w], lr=1.0, quant_info=lambda p: (E0M7, scale)), w, 1.0, 1.0)
     assert w.detach().flatten().tolist() == [0.5 - 1 / 128, 4.0 - 8 / 128]
-
-
-def test_grid_unquantized_parameters_get_momentum_sgd():
-    w = param(1.0)
-    opt = GridOptim([w], lr=1.0, momentum=0.5, fallback_lr=0.1)
-    step_with(opt, w, 1.0)
-    step_with(opt, w, 1.0)  # buffer 1, then 1.5
-    assert w.item() == pytest.approx(1.0 - 0.1 - 0.15)
 
 
 # ---- state_dict round trips: a resumed optimizer takes the identical next step --------------------------
@@ -302,7 +337,10 @@ ROUND_TRIP = {
                                              quant_info=lambda p: (E4M3, torch.tensor(0.05))),
     "manifold_grad_scale": lambda ps: ManifoldAdamW(ps, lr=0.01, mode="grad_scale",
                                                     quant_info=lambda p: (E0M7, torch.tensor(0.5))),
-    "grid": lambda ps: GridOptim(ps, lr=0.3, momentum=0.9, seed=3, quant_info=lambda p: (E4M3, 0.05)),
+    "grid": lambda ps: GridOptim(ps, lr=0.3, seed=3, weight_decay=0.1, quant_info=lambda p: (E4M3, 0.05)),
+    "madam": lambda ps: Madam(ps, lr=0.05, weight_decay=0.1, quant_info=lambda p: (E4M3, 0.05)),
+    "madam_e7m0_sr_kahan": lambda ps: Madam(ps, lr=0.05, weight_storage="quantized", kahan=True, seed=4,
+                                            storage_rounding="stochastic", quant_info=lambda p: (E7M0, 0.05)),
 }  # fmt: skip
 
 
@@ -370,10 +408,10 @@ def test_cuda_grid_and_stochastic_storage_run_on_device_generators():
         AdamW([w], lr=1e-3, weight_storage="bfloat16", storage_rounding="stochastic", seed=0),
     ):
         w.grad = torch.randn(64, device="cuda")
-        out = opt.step()
+        opt.step()
         assert w.device.type == "cuda"
-        if isinstance(out, dict):
-            assert out["flips"].device.type == "cuda"
+        if isinstance(opt, GridOptim):
+            assert opt.last_step_stats["flips"].device.type == "cuda"
         state = opt.state_dict()
         assert list(state["generators"]) == ["cuda:0"]
         opt.load_state_dict(copy.deepcopy(state))
@@ -388,12 +426,13 @@ def test_build_optimizer_names_and_options():
         momentum=0.9,
         mode="ulp_step",
         rung_clip=4.0,
+        weight_lr=1e-3,
         weight_storage=None,
         storage_rounding="nearest",
         kahan=False,
         seed=0,
     )  # what a trainer passes, always
-    classes = {"adamw": AdamW, "manifold_adamw": ManifoldAdamW, "grid": GridOptim, "sgd": SGD}
+    classes = {"adamw": AdamW, "manifold_adamw": ManifoldAdamW, "grid": GridOptim, "sgd": SGD, "madam": Madam}
     for name, cls in classes.items():
         opt = build_optimizer(name, ps(), lr=0.1, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, **everything)
         assert type(opt) is cls
@@ -401,16 +440,28 @@ def test_build_optimizer_names_and_options():
     assert opt.param_groups[0]["mode"] == "grad_scale" and opt.param_groups[0]["track_bit_position"]
     opt = build_optimizer("sgd", ps(), lr=0.1, weight_storage=get_format("bfloat16"), kahan=True)
     assert opt.param_groups[0]["weight_storage"] == "bfloat16" and opt.param_groups[0]["momentum"] == 0.9
-    opt = build_optimizer("grid", ps(), lr=0.1, momentum=0.5, rung_clip=2.0)
-    assert opt.param_groups[0]["rung_clip"] == 2.0 and opt.param_groups[0]["momentum"] == 0.5
+    opt = build_optimizer("grid", ps(), lr=0.1, betas=(0.5, 0.9), rung_clip=2.0, weight_lr=0.01)
+    assert opt.param_groups[0]["rung_clip"] == 2.0 and opt.param_groups[0]["betas"] == (0.5, 0.9)
+    assert opt.param_groups[0]["weight_lr"] == 0.01
+    opt = build_optimizer("grid", ps(), lr=0.1, weight_storage="quantized", storage_rounding="stochastic")
+    assert type(opt) is GridOptim  # what grid does anyway
+    opt = build_optimizer("madam", ps(), lr=0.1, weight_storage="quantized", kahan=True)
+    assert opt.param_groups[0]["weight_storage"] == "quantized" and opt.param_groups[0]["kahan"]
 
 
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda ps: build_optimizer("adam", ps, lr=0.1), "adamw, manifold_adamw, grid, sgd"),
+        (lambda ps: build_optimizer("adam", ps, lr=0.1), "adamw, manifold_adamw, grid, sgd, madam"),
         (lambda ps: build_optimizer("sgd", ps, lr=0.1, momentun=0.9), "unknown \\['momentun'\\]"),
-        (lambda ps: build_optimizer("grid", ps, lr=0.1, weight_storage="bfloat16"), "weight_storage"),
+        (lambda ps: build_optimizer("grid", ps, lr=0.1, weight_storage="bfloat16"), "none or 'quantized'"),
+        (lambda ps: build_optimizer("grid", ps, lr=0.1, weight_storage="quantized"), "rounding: stoch"),
+        (lambda ps: build_optimizer("grid", ps, lr=0.1, kahan=True), "kahan: the grid optimizer"),
+        (lambda ps: build_optimizer("sgd", ps, lr=0.1, fallback_lr=0.1), "unknown \\['fallback_lr'\\]"),
+        (lambda ps: ManifoldAdamW(ps, weight_lr=-1.0), "weight_lr: must be"),
+        (lambda ps: GridOptim([{"params": ps, "weight_lr": "1e-3"}]), "weight_lr: must be"),
+        (lambda ps: Madam(ps, max_scale=0.0), "max_scale: must be"),
+        (lambda ps: Madam(ps, grad_bound=-1.0), "grad_bound: must be"),
         (lambda ps: ManifoldAdamW(ps, mode="ulp"), "mode: 'ulp' is not one of"),
         (lambda ps: AdamW(ps, weight_storage="E9M9X"), "weight_storage: unknown format"),
         (lambda ps: AdamW(ps, weight_storage="bfloat16", storage_rounding="up"), "storage_rounding: 'up'"),

@@ -83,15 +83,17 @@ class TrainConfig(_Section):
     log_interval: int = Field(1, ge=1)
 
 
-GRID_UNIT_OPTIMIZERS = ("manifold_adamw", "grid")
-
-
 class OptimizerConfig(_Section):
-    """``lr`` is in the optimizer's own unit: weight units for adamw/sgd (default ``train.lr``), grid
-    steps (ULPs) per step for manifold_adamw and rungs for grid (default 1.0). The warmup/cosine
-    schedule shape of ``train`` applies to it either way."""
+    """``lr`` is in the optimizer's own unit (``optimizer.lr_default``): weight units for adamw, sgd
+    and manifold_adamw's grad_scale (default ``train.lr``), ULPs for manifold_adamw's ulp_step and
+    rungs for grid (default 1.0), natural-log units of |w| for madam (default 0.01). Weight decay
+    (``train.weight_decay``) is decoupled and in weight units for every optimizer, at ``train.lr``
+    (and the parameters without a format of the grid-aware optimizers train at ``train.lr``). The
+    warmup/cosine schedule shape of ``train`` applies to both. ``weight_storage``: none/fp32 (an fp32
+    master copy), ``quantized`` (each weight stored in its layer's forward format at its current
+    scale) or a format name (every weight stored in it at scale 1)."""
 
-    name: Literal["adamw", "manifold_adamw", "grid", "sgd"] = "adamw"
+    name: Literal["adamw", "manifold_adamw", "grid", "sgd", "madam"] = "adamw"
     lr: float | None = Field(None, gt=0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
@@ -105,7 +107,15 @@ class OptimizerConfig(_Section):
     @field_validator("weight_storage")
     @classmethod
     def _known_format(cls, value: str | None) -> str | None:
-        return _check_format(value)
+        return value if value == "quantized" else _check_format(value)
+
+    def lr_default(self, train_lr: float) -> float:
+        """Peak learning rate in the optimizer's own unit: ``lr`` if set, else the unit's default."""
+        if self.lr is not None:
+            return self.lr
+        if self.name == "grid" or (self.name == "manifold_adamw" and self.manifold_mode == "ulp_step"):
+            return 1.0
+        return 0.01 if self.name == "madam" else train_lr
 
 
 class QuantRuleConfig(_Section):
@@ -187,9 +197,7 @@ class RunConfig(_Section):
     @property
     def optimizer_lr(self) -> float:
         """Peak learning rate of the optimizer, in its own unit (see OptimizerConfig)."""
-        if self.optimizer.lr is not None:
-            return self.optimizer.lr
-        return 1.0 if self.optimizer.name in GRID_UNIT_OPTIMIZERS else self.train.lr
+        return self.optimizer.lr_default(self.train.lr)
 
     @property
     def run_dir(self) -> Path:

@@ -1,7 +1,8 @@
-"""Optimizers that know each weight's quantization grid: AdamW, SGD, ManifoldAdamW, GridOptim.
+"""Optimizers that know each weight's quantization grid: AdamW, SGD, ManifoldAdamW, GridOptim, Madam.
 
-All four are ``torch.optim.Optimizer``s (param groups, ``state_dict``/``load_state_dict``, any device)
-and run one vectorized update per parameter with no host synchronisation.
+All five are ``torch.optim.Optimizer``s (param groups, ``state_dict``/``load_state_dict``, any device,
+``step(closure)`` returns the loss) and run one vectorized update per parameter with no host
+synchronisation.
 
 **How an optimizer learns a weight's grid.** ``quant_info(param)`` returns ``(format, scale)`` -- the
 layer's weight format and its *current* scale (a float, a 0-dim tensor or a per-channel tensor
@@ -9,8 +10,7 @@ broadcastable to the weight) -- or None for a parameter that is not quantized. T
 from its ``QuantizedLinear`` layers (``quant_info_from_model`` does the same by duck typing). For
 standalone use a param group may carry ``format=`` (a FloatFormat or a name) and ``scale=`` (default
 1.0) instead; **a group's format wins over quant_info** for the parameters of that group, since it is
-the more specific, deliberate setting. Unquantized parameters get the optimizer's plain rule (AdamW
-for ManifoldAdamW, momentum SGD for GridOptim).
+the more specific, deliberate setting.
 
 **The grid spacing (stiffness).** For a weight w in a format with M mantissa bits at scale s::
 
@@ -18,24 +18,39 @@ for ManifoldAdamW, momentum SGD for GridOptim).
 
 the distance between neighbouring representable values around w (one ULP): relative spacing 2^-M
 in the normal range, the constant subnormal spacing ``s * 2^(emin - M)`` near zero, ``s / 2^7``
-everywhere for E0M7, and ``s * 2^floor(log2|w/s|)`` (the power of two itself) for E7M0.
+everywhere for E0M7, and ``s * 2^floor(log2|w/s|)`` (the power of two itself) for E7M0. At a power
+of two S is the spacing *above* it; the spacing below is S/2.
 
-**The update rules** (``g`` gradient, ``m_hat``, ``v_hat`` Adam's bias-corrected moments):
+**Units.** Two learning rates, both driven by the same schedule:
 
-* ``AdamW``: ``w <- w (1 - lr wd)``, then ``w <- w - lr m_hat / (sqrt(v_hat) + eps)`` -- identical
-  to ``torch.optim.AdamW(foreach=False)``, bit for bit.
-* ``SGD``: ``d = g + wd w``; ``b <- mu b + d`` (``b = d`` at the first step); ``w <- w - lr b``
-  (``d + mu b`` with nesterov) -- identical to ``torch.optim.SGD``.
-* ``ManifoldAdamW(mode="ulp_step")``: ``w <- w - lr * S(w) * m_hat / (sqrt(v_hat) + eps)``: lr is
-  in grid steps, a weight moves by about ``lr`` ULPs of its own format per step (exactly lr under a
-  constant gradient, where m_hat/sqrt(v_hat) = 1). Weight decay is also in ULPs:
-  ``w <- w - sign(w) min(|w|, lr wd S(w))``.
-  In the normal range ``S/|w|`` lies in ``(2^-(M+1), 2^-M]``, so this is AdamW's multiplicative
-  shrink ``w (1 - lr' wd)`` with ``lr' = lr S/|w|`` (the step as a fraction of |w|), piecewise
-  constant per binade; near zero (constant subnormal spacing) it stops at zero instead of crossing.
-  S is taken at the weight before the step.
-* ``ManifoldAdamW(mode="grad_scale")``: Adam on ``g' = S(w) g`` (the AltGrad notes' variant); lr
-  and weight decay are AdamW's (weight units). If ``S`` is constant over the moments' memory,
+* ``lr``, the optimizer's own step unit: weight units for AdamW and SGD, ULPs for ManifoldAdamW
+  (``ulp_step``), rungs (representable values) for GridOptim, natural-log units of |w| for Madam.
+  The grid-aware rules all move a weight by ``lr |d|`` of their unit per step, with ``d`` Adam's
+  normalised direction (``m_hat / (sqrt(v_hat) + eps)``; Madam: ``g / sqrt(v_hat)``): exactly
+  ``lr`` units under a constant gradient (|d| = 1), less under a noisy one (|d| < 1). Measured on
+  the tiny model (E4M3, fp32 master, 100 steps, ``bench/optimizer_units.py``): the mean |change of
+  code ordinal| per weight per step is 0.23 for ManifoldAdamW at lr 1 and for GridOptim at lr 1,
+  0.74 for Madam at lr ln2/8 (one E4M3 ULP per unit of d), 1.15 for AdamW at lr 1e-3.
+* ``weight_lr``, in weight units (ManifoldAdamW, GridOptim, Madam; AdamW and SGD use ``lr``): the
+  rate of the **decoupled weight decay, the same for every optimizer**, ``w <- w (1 - weight_lr wd)``
+  per step (GridOptim: in expectation, as a stochastically rounded number of rungs), and the lr of
+  parameters without a format, which get plain AdamW (a foreign model's biases, norms and
+  embeddings). ``weight_lr`` defaults to 1e-3 and follows ``lr``'s schedule: the optimizer uses
+  ``weight_lr * lr / initial_lr`` when the group has an ``initial_lr`` (set by torch's LR schedulers
+  and by altgrad's trainer, which passes ``train.lr`` as weight_lr).
+
+**The update rules** (``g`` gradient, ``m_hat``, ``v_hat`` Adam's bias-corrected moments, every
+rule after the decay above):
+
+* ``AdamW``: ``w <- w - lr m_hat / (sqrt(v_hat) + eps)`` -- identical to
+  ``torch.optim.AdamW(foreach=False)``, bit for bit.
+* ``SGD``: ``b <- mu b + g`` (``b = g`` at the first step); ``w <- w - lr b`` (``g + mu b`` with
+  nesterov) -- identical to ``torch.optim.SGD`` without weight decay (torch's decay is coupled).
+* ``ManifoldAdamW(mode="ulp_step")``: ``w <- w - lr * S(w) * m_hat / (sqrt(v_hat) + eps)``, S
+  taken before the step. With fp32 master weights a step below one ULP moves the weight's code only
+  when it crosses a rounding boundary; from a power of two toward zero one "ULP" S is two codes.
+* ``ManifoldAdamW(mode="grad_scale")``: Adam on ``g' = S(w) g`` (the AltGrad notes' variant); lr is
+  AdamW's (weight units). If ``S`` is constant over the moments' memory,
   ``m'/(sqrt(v') + eps) = m / (sqrt(v) + eps/S)`` exactly: the per-weight S cancels and the only
   effect is a per-weight epsilon ``eps / S`` (large for small-spacing weights, damping steps whose
   ``sqrt(v) < eps/S``); the step stays ~lr in weight units, *not* grid-relative. S matters
@@ -43,14 +58,17 @@ everywhere for E0M7, and ``s * 2^floor(log2|w/s|)`` (the power of two itself) fo
   weight each past gradient by the spacing it had, so after a weight crosses a binade upward (S
   doubles) its new gradients count 2x in m and 4x in v against its history, and a change of the
   layer's scale (S is proportional to s) reweights the whole layer's new gradients the same way.
-* ``GridOptim``: momentum in grid rungs ``v <- clip(mu v + lr (g + wd w) / S(w), +-rung_clip)``;
-  ``k = stochastic_round(v)``; the weight moves ``k`` representable values down the sorted finite
-  table of its format (``sort(format.values()) * s``), clamped at the table ends, and the master
-  weight is set to that grid value. ``step()`` returns ``{"loss", "flips", "updates"}``.
+* ``GridOptim``: ``k = stochastic_round(clip(lr d + weight_lr wd w / S_0, +-rung_clip))`` rungs
+  (``S_0`` the spacing toward zero);
+  the weight moves ``k`` representable values down the sorted finite table of its format
+  (``sort(format.values()) * s``), clamped at the table ends, and is set to that grid value.
+* ``Madam``: ``w <- clip(w exp(-lr sign(w) g / sqrt(v_hat)), +-w_max)``: log|w| moves by lr per
+  unit of normalised gradient, ``lr = ln 2`` is one binade (one E7M0 code).
 
-**Low-precision weight storage** (AdamW, SGD, ManifoldAdamW): ``weight_storage=`` a format (or name)
-keeps no fp32 master copy: after every step each weight is rounded into that format (at scale 1),
-or with ``weight_storage="quantized"`` into its own quant_info format at its current scale.
+**Low-precision weight storage** (every optimizer; GridOptim always stores on its grid):
+``weight_storage=`` a format (or name) keeps no fp32 master copy: after every step each weight is
+rounded into that format (at scale 1), or with ``weight_storage="quantized"`` into its own
+quant_info format at its current scale (parameters without a format stay fp32).
 ``storage_rounding`` is ``"nearest"`` or ``"stochastic"``; ``kahan=True`` adds Kahan-compensated
 summation (Zamirai et al. 2020): with ``w`` the stored weight, ``u`` the fp32 update and ``c`` the
 compensation (optimizer state ``"kahan_comp"``)::
@@ -214,6 +232,24 @@ class _GridAwareOptimizer(torch.optim.Optimizer):
             raise ValueError(f"storage_rounding: {rounding!r} is not one of {STORAGE_ROUNDINGS}")
         if storage is None and (group.get("kahan") or rounding != "nearest"):
             raise ValueError("kahan / storage_rounding: need weight_storage (a format name or 'quantized')")
+        weight_lr = group.get("weight_lr", 0.0)
+        if isinstance(weight_lr, bool) or not (isinstance(weight_lr, (int, float)) and weight_lr >= 0):
+            raise ValueError(f"weight_lr: must be a number >= 0, got {weight_lr!r}")
+
+    @staticmethod
+    def _weight_lr(group: dict[str, Any]) -> float:
+        """The group's learning rate in weight units now: ``lr`` where lr is in weight units (AdamW,
+        SGD), else ``weight_lr`` times the schedule's factor ``lr / initial_lr`` (``initial_lr`` is set
+        by torch's LR schedulers and altgrad's trainer; without it the factor is 1)."""
+        if "weight_lr" not in group:
+            return group["lr"]
+        initial = group.get("initial_lr")
+        return group["weight_lr"] * (group["lr"] / initial if initial else 1.0)
+
+    def _decay(self, w: torch.Tensor, group: dict[str, Any]) -> None:
+        """Decoupled weight decay in weight units, the same for every optimizer: ``w <- w (1 - lr_w wd)``."""
+        if group["weight_decay"] != 0:
+            w.mul_(1 - self._weight_lr(group) * group["weight_decay"])
 
     def _quant(self, group: dict[str, Any], p: torch.Tensor) -> tuple[FloatFormat, Any] | None:
         """(format, scale) of ``p``: the group's ``format``/``scale`` if set, else quant_info's, else None."""
@@ -334,6 +370,7 @@ def _check_betas(betas: tuple[float, float], eps: float) -> None:
         raise ValueError(f"eps: must be a number > 0, got {eps!r}")
 
 
+
 class AdamW(_GridAwareOptimizer):
     """AdamW (``torch.optim.AdamW(foreach=False)`` bit for bit) with optional low-precision storage.
 
@@ -386,34 +423,44 @@ class AdamW(_GridAwareOptimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _update(self, p, grad, group, state, info) -> None:
+        """Plain AdamW at the weight-unit lr (``lr`` here; ``weight_lr`` in the grid-unit subclasses)."""
         self._adam_state(p, state)
         w = p.detach()
-        if group["weight_decay"] != 0:
-            w.mul_(1 - group["lr"] * group["weight_decay"])
-        self._adam_step(w, grad, group, state, spacing=None)
+        self._decay(w, group)
+        self._adam_step(w, grad, group, state, self._weight_lr(group), spacing=None)
 
     @staticmethod
-    def _adam_step(w, grad, group, state, spacing) -> None:
-        """Moments, then ``w -= lr m_hat / (sqrt(v_hat) + eps)`` (times ``spacing`` if given)."""
+    def _adam_moments(grad, group, state) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Advance the moments; return ``(m, sqrt(v_hat) + eps, 1 - beta1^t)``, torch's operation order."""
         beta1, beta2 = group["betas"]
         state["step"] += 1
         step = state["step"]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step_size = group["lr"] / (1 - beta1**step)
         denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(group["eps"])
-        w.addcdiv_(exp_avg if spacing is None else exp_avg * spacing, denom, value=-step_size)
+        return exp_avg, denom, 1 - beta1**step
+
+    def _adam_step(self, w, grad, group, state, lr: float, spacing) -> None:
+        """``w -= lr m_hat / (sqrt(v_hat) + eps)`` (times ``spacing`` if given)."""
+        exp_avg, denom, bias_correction1 = self._adam_moments(grad, group, state)
+        w.addcdiv_(exp_avg if spacing is None else exp_avg * spacing, denom, value=-lr / bias_correction1)
+
+    def _adam_direction(self, grad, group, state) -> torch.Tensor:
+        """Adam's normalised direction ``d = m_hat / (sqrt(v_hat) + eps)``: +-1 under a constant gradient."""
+        exp_avg, denom, bias_correction1 = self._adam_moments(grad, group, state)
+        return exp_avg.div(denom).div_(bias_correction1)
 
 
 class ManifoldAdamW(AdamW):
     """AdamW whose step is measured in grid steps (ULPs) of each weight's own quantization format.
 
-    ``mode="ulp_step"`` (default): ``w <- w - lr S(w) m_hat/(sqrt(v_hat)+eps)`` and decay
-    ``w <- w - sign(w) min(|w|, lr wd S(w))``, so lr counts ULPs per step. ``mode="grad_scale"``:
-    AdamW on ``S(w) g`` (lr, decay in weight units). See the module docstring for both, and for how
-    Adam's normalization cancels a constant S in ``grad_scale``. S comes from ``quant_info`` (or the
-    group's ``format``/``scale``) at every step; unquantized parameters get plain AdamW.
+    ``mode="ulp_step"`` (default): ``w <- w - lr S(w) d`` with ``d = m_hat/(sqrt(v_hat)+eps)``, so a
+    weight moves ``lr |d|`` ULPs per step: lr ULPs under a constant gradient (|d| = 1), less under a
+    noisy one. ``mode="grad_scale"``: AdamW on ``S(w) g`` (lr in weight units). Weight decay is
+    decoupled and in weight units in both: ``w <- w (1 - weight_lr wd)``. See the module docstring
+    for both modes. S comes from ``quant_info`` (or the group's ``format``/``scale``) at every step;
+    parameters without a format get plain AdamW at ``weight_lr``.
 
     ``track_bit_position=True`` keeps ``state["bit_position"]`` per weight: the cumulative signed
     number of grid positions moved, ``sum_t (w_t+1 - w_t) / S(w_t)`` (the whole step, decay and
@@ -437,6 +484,7 @@ class ManifoldAdamW(AdamW):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         *,
+        weight_lr: float = 1e-3,
         mode: str = "ulp_step",
         track_bit_position: bool = False,
         quant_info: QuantInfo | None = None,
@@ -447,9 +495,9 @@ class ManifoldAdamW(AdamW):
         seed: int | None = None,
     ) -> None:
         _check_betas(betas, eps)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, mode=mode,
-                        track_bit_position=bool(track_bit_position), weight_storage=weight_storage,
-                        storage_rounding=storage_rounding, kahan=bool(kahan))
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, weight_lr=weight_lr,
+                        mode=mode, track_bit_position=bool(track_bit_position), weight_storage=weight_storage,
+                        storage_rounding=storage_rounding, kahan=bool(kahan))  # fmt: skip
         _GridAwareOptimizer.__init__(self, params, defaults, quant_info, generator, seed)
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -465,17 +513,13 @@ class ManifoldAdamW(AdamW):
         if info is None:
             return super()._update(p, grad, group, state, info)
         self._adam_state(p, state)
-        lr, wd = group["lr"], group["weight_decay"]
         w = p.detach()
         spacing = grid_spacing(w, *info).to(w.dtype)
+        self._decay(w, group)
         if group["mode"] == "grad_scale":
-            if wd != 0:
-                w.mul_(1 - lr * wd)
-            self._adam_step(w, grad * spacing, group, state, spacing=None)
+            self._adam_step(w, grad * spacing, group, state, group["lr"], spacing=None)
         else:
-            if wd != 0:
-                w.sub_(torch.sign(w) * torch.minimum(w.abs(), spacing * (lr * wd)))
-            self._adam_step(w, grad, group, state, spacing=spacing)
+            self._adam_step(w, grad, group, state, group["lr"], spacing=spacing)
         return spacing
 
     def _after_update(self, p, old, group, state, info, result) -> None:
@@ -487,10 +531,13 @@ class ManifoldAdamW(AdamW):
 
 
 class SGD(_GridAwareOptimizer):
-    """SGD with momentum (``torch.optim.SGD`` semantics, no dampening) and optional low-precision storage.
+    """SGD with momentum (no dampening), decoupled weight decay and optional low-precision storage.
 
-    ``d = g + wd w``; ``b <- momentum b + d`` (``b = d`` at the first step); ``w <- w - lr b`` (or
-    ``w - lr (d + momentum b)`` with ``nesterov``). Storage options as in ``AdamW``.
+    ``w <- w (1 - lr wd)``; ``b <- momentum b + g`` (``b = g`` at the first step); ``w <- w - lr b``
+    (or ``w - lr (g + momentum b)`` with ``nesterov``). With ``weight_decay=0`` this is
+    ``torch.optim.SGD`` bit for bit; torch couples the decay into the gradient (``g + wd w``, which
+    momentum then amplifies up to ``1/(1 - momentum)``), altgrad decays every optimizer the same way,
+    AdamW's. Storage options as in ``AdamW``.
 
     >>> import torch
     >>> w = torch.nn.Parameter(torch.ones(1))
@@ -528,8 +575,8 @@ class SGD(_GridAwareOptimizer):
 
     def _update(self, p, grad, group, state, info) -> None:
         w = p.detach()
-        d = grad.add(w, alpha=group["weight_decay"]) if group["weight_decay"] != 0 else grad
-        momentum = group["momentum"]
+        self._decay(w, group)
+        d, momentum = grad, group["momentum"]
         if momentum != 0:
             buf = state.get("momentum_buffer")
             if buf is None:
@@ -540,34 +587,38 @@ class SGD(_GridAwareOptimizer):
         w.add_(d, alpha=-group["lr"])
 
 
-class GridOptim(_GridAwareOptimizer):
-    """Momentum SGD on the format's grid: the weight walks an integer number of representable values.
+class GridOptim(AdamW):
+    """Adam's direction on the format's grid: each weight walks a whole number of representable values.
 
-    Per quantized weight (``S`` the grid spacing at the pre-step weight, ``T`` the sorted distinct
-    finite values of ``format.values()``, ``s`` the scale)::
+    Per quantized weight (``S_0`` the grid spacing toward zero at the pre-step weight, ``T`` the
+    sorted distinct finite values of ``format.values()``, ``s`` the scale, ``d`` Adam's direction
+    ``m_hat / (sqrt(v_hat) + eps)``)::
 
-        v  <- clamp(momentum v + lr (g + wd w) / S, -rung_clip, rung_clip)     (state "velocity", rungs)
-        k   = floor(v) + [u < v - floor(v)],   u ~ U[0, 1) from the generator   (stochastic rounding)
-        i   = searchsorted(T, Q_nearest(w / s))                                  (current index)
-        w  <- T[clamp(i - k, 0, len(T) - 1)] * s                                 (descent, projected)
+        r  = clamp(lr d + weight_lr wd w / S_0, -rung_clip, rung_clip)       (rungs, real)
+        k  = floor(r) + [u < r - floor(r)],   u ~ U[0, 1) from the generator  (stochastic rounding)
+        i  = searchsorted(T, Q_nearest(w / s))                                (current index)
+        w <- T[clamp(i - k, 0, len(T) - 1)] * s                               (descent, projected)
 
-    so ``lr = 1`` gives exactly ``v = momentum v + g / S``; a NaN weight stays NaN. Parameters
-    without a format get momentum SGD ``b <- momentum b + g + wd w; w <- w - fallback_lr b``
-    (``fallback_lr`` defaults to lr).
+    so a weight moves ``lr |d|`` rungs per step on average: ``lr`` rungs under a constant gradient
+    (|d| = 1). The decay term is AdamW's decoupled shrink ``w weight_lr wd`` in rungs of ``S_0``
+    (``S(w)``, or ``S(w)/2`` at a power of two), so a weight with zero gradient shrinks by
+    ``(1 - weight_lr wd)`` per step in expectation (while the shrink is under one rung). A NaN
+    weight stays NaN. Parameters without a format get plain AdamW at ``weight_lr``.
 
-    ``step()`` returns ``{"loss": closure loss or None, "flips": n, "updates": m}``: ``flips`` the
-    number of quantized weights whose grid index (hence code) changed, ``updates`` the number with a
-    non-zero gradient, both 0-dim int64 tensors on the first parameter's device (no host sync).
-    Cumulative per-parameter counts are kept in ``state["flips"]`` / ``state["updates"]`` (float32
-    0-dim tensors, so ``load_state_dict``'s dtype casting keeps them exact below 2^24).
+    ``step()`` returns the closure's loss (or None), as every ``torch.optim.Optimizer``. The step's
+    counts are in ``last_step_stats = {"flips": n, "updates": m}``: ``flips`` the number of quantized
+    weights whose grid index (hence code) changed, ``updates`` the number with a non-zero gradient,
+    both 0-dim int64 tensors on the first parameter's device (no host sync). Cumulative
+    per-parameter counts are kept in ``state["flips"]`` / ``state["updates"]`` (float32 0-dim
+    tensors, so ``load_state_dict``'s dtype casting keeps them exact below 2^24).
 
     >>> import torch
     >>> from altgrad.quantization import E0M7
     >>> w = torch.nn.Parameter(torch.tensor([0.5, 0.5]))
-    >>> opt = GridOptim([{"params": [w], "format": E0M7}], lr=1.0, momentum=0.0)
-    >>> w.grad = torch.tensor([2 / 128, -3 / 128]); out = opt.step()   # S = 1/128: k = 2 and -3
-    >>> (w.detach() * 128).tolist(), int(out["flips"])
-    ([62.0, 67.0], 2)
+    >>> opt = GridOptim([{"params": [w], "format": E0M7}], lr=2.0)
+    >>> w.grad = torch.tensor([1.0, -1.0]); _ = opt.step()   # d = +-1: 2 rungs of 1/128 each
+    >>> (w.detach() * 128).tolist(), int(opt.last_step_stats["flips"])
+    ([62.0, 66.0], 2)
     """
 
     supports_storage = False
@@ -576,68 +627,60 @@ class GridOptim(_GridAwareOptimizer):
         self,
         params: Iterable,
         lr: float = 1.0,
-        momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
         rung_clip: float = 4.0,
         weight_decay: float = 0.0,
         *,
-        fallback_lr: float | None = None,
+        weight_lr: float = 1e-3,
         quant_info: QuantInfo | None = None,
         generator: torch.Generator | None = None,
         seed: int | None = None,
     ) -> None:
-        defaults = dict(lr=lr, momentum=momentum, rung_clip=rung_clip, weight_decay=weight_decay,
-                        fallback_lr=fallback_lr)
-        super().__init__(params, defaults, quant_info, generator, seed)
+        _check_betas(betas, eps)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, rung_clip=rung_clip, weight_decay=weight_decay,
+                        weight_lr=weight_lr)
+        _GridAwareOptimizer.__init__(self, params, defaults, quant_info, generator, seed)
+        self.last_step_stats: dict[str, torch.Tensor] | None = None
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
-        if not (isinstance(group["momentum"], (int, float)) and 0 <= group["momentum"] < 1):
-            raise ValueError(f"momentum: must be in [0, 1), got {group['momentum']!r}")
         clip = group["rung_clip"]
         if not (isinstance(clip, (int, float)) and clip > 0):
             raise ValueError(f"rung_clip: must be a number > 0, got {clip!r}")
-        if group["fallback_lr"] is not None and not group["fallback_lr"] >= 0:
-            raise ValueError(f"fallback_lr: must be >= 0 or None, got {group['fallback_lr']!r}")
 
     def _update(self, p, grad, group, state, info) -> tuple[torch.Tensor, torch.Tensor] | None:
-        w = p.detach()
-        g = grad.add(w, alpha=group["weight_decay"]) if group["weight_decay"] != 0 else grad
         if info is None:
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = torch.zeros_like(w)
-            buf.mul_(group["momentum"]).add_(g)
-            lr = group["fallback_lr"] if group["fallback_lr"] is not None else group["lr"]
-            w.add_(buf, alpha=-lr)
-            return None
+            return super()._update(p, grad, group, state, info)
         fmt, scale = info
-        if "velocity" not in state:
-            state["velocity"] = torch.zeros_like(w, dtype=torch.float32)
-            state["flips"] = torch.zeros((), dtype=torch.float32, device=w.device)
-            state["updates"] = torch.zeros((), dtype=torch.float32, device=w.device)
+        self._adam_state(p, state)
+        if "flips" not in state:
+            state["flips"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["updates"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        w = p.detach()
         w32 = w.float()
-        spacing = grid_spacing(w32, fmt, scale)
-        velocity = state["velocity"]
-        velocity.mul_(group["momentum"]).add_(g.float() / spacing, alpha=group["lr"])
-        velocity.clamp_(-group["rung_clip"], group["rung_clip"])
-        floor = torch.floor(velocity)
-        draw = torch.rand(velocity.shape, generator=self._generator(w.device), device=w.device)
-        rungs = (floor + (draw < velocity - floor)).to(torch.int64)
+        rungs = self._adam_direction(grad, group, state).float().mul_(group["lr"])
+        if group["weight_decay"] != 0:  # in rungs toward zero: below a power of two they are S/2 wide
+            below = grid_spacing(w32 * (1 - 2.0 ** -(fmt.mantissa_bits + 2)), fmt, scale)
+            rungs.add_(w32 / below, alpha=self._weight_lr(group) * group["weight_decay"])
+        rungs.clamp_(-group["rung_clip"], group["rung_clip"])
+        floor = torch.floor(rungs)
+        draw = torch.rand(rungs.shape, generator=self._generator(w.device), device=w.device)
+        whole = (floor + (draw < rungs - floor)).to(torch.int64)
         table = _finite_table(fmt, w.device)
         unscaled = w32 / scale if not (isinstance(scale, float) and scale == 1.0) else w32
         index = torch.searchsorted(table, quantize(unscaled, fmt))
-        new_index = (index - rungs).clamp_(0, table.numel() - 1)
-        new = table[new_index] * scale
+        new_index = (index - whole).clamp_(0, table.numel() - 1)
         nan = torch.isnan(w32)
-        w.copy_(torch.where(nan, w32, new))
+        w.copy_(torch.where(nan, w32, table[new_index] * scale))
         flips = ((new_index != index) & ~nan).sum()
         updates = (grad != 0).sum()
         state["flips"].add_(flips)
         state["updates"].add_(updates)
         return flips, updates
 
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> dict[str, Any]:  # type: ignore[override]
-        """One grid step; returns ``{"loss", "flips", "updates"}`` (counts as 0-dim int64 tensors)."""
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """One grid step; returns the closure's loss and keeps the counts in ``last_step_stats``."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -649,13 +692,94 @@ class GridOptim(_GridAwareOptimizer):
         for f, u in counts:
             flips += f.to(device, non_blocking=True)
             updates += u.to(device, non_blocking=True)
-        return {"loss": loss, "flips": flips, "updates": updates}
+        self.last_step_stats = {"flips": flips, "updates": updates}
+        return loss
+
+
+class Madam(AdamW):
+    """Madam (Bernstein et al. 2020): a multiplicative update of ``log|w|``, the natural step on a
+    logarithmic grid (LNS-Madam, Zhao et al. 2022, stores such weights in 8 bits with no master copy).
+
+    Per weight with a format (``beta = betas[1]``, ``t`` the step)::
+
+        v <- beta v + (1 - beta) g^2;   d = clamp(g / (sqrt(v / (1 - beta^t)) + eps), -grad_bound, grad_bound)
+        w <- w (1 - weight_lr wd)                                     (decoupled decay, weight units)
+        w <- clamp(w exp(-lr sign(w) d), -w_max, w_max),   w_max = max_scale * rms(w at its first step)
+
+    as in the authors' reference implementation (jxbz/madam: beta 0.999, no first moment, gradient
+    bound 10, w_max 3x the initial rms; the paper's Algorithm 1 with its clamp to a maximum weight).
+    Units: ``lr`` is in natural-log units of |w|: a step changes |w| by the factor
+    ``exp(+-lr |d|)``, about ``lr |d|`` as a fraction of |w|; under a constant gradient (|d| = 1)
+    ``lr = k ln 2`` moves k binades, one code per binade on a power-of-two grid (E7M0), and
+    ``lr = ln 2 / 2^M`` is about one ULP of a format with M mantissa bits. A weight never changes
+    sign and a zero stays zero, so parameters without a format (zero-initialised biases among
+    them) get plain AdamW at ``weight_lr`` instead. Storage options as in ``AdamW``.
+
+    >>> import math, torch
+    >>> from altgrad.quantization import E7M0
+    >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    >>> opt = Madam([{"params": [w], "format": E7M0}], lr=math.log(2), weight_storage="quantized")
+    >>> w.grad = torch.tensor([1.0, 1.0]); _ = opt.step()   # d = 1: |1| halves, |-2| doubles (<= w_max)
+    >>> w.detach()
+    tensor([ 0.5000, -4.0000])
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        weight_lr: float = 1e-3,
+        max_scale: float = 3.0,
+        grad_bound: float = 10.0,
+        quant_info: QuantInfo | None = None,
+        weight_storage: FloatFormat | str | None = None,
+        storage_rounding: str = "nearest",
+        kahan: bool = False,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+    ) -> None:
+        _check_betas(betas, eps)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, weight_lr=weight_lr,
+                        max_scale=max_scale, grad_bound=grad_bound, weight_storage=weight_storage,
+                        storage_rounding=storage_rounding, kahan=bool(kahan))  # fmt: skip
+        _GridAwareOptimizer.__init__(self, params, defaults, quant_info, generator, seed)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        for key in ("max_scale", "grad_bound"):
+            value = group[key]
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{key}: must be a number > 0, got {value!r}")
+
+    def _update(self, p, grad, group, state, info) -> None:
+        if info is None:
+            return super()._update(p, grad, group, state, info)
+        w = p.detach()
+        if not state:
+            state["step"] = 0
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["max"] = w.float().square().mean().sqrt() * group["max_scale"]  # 0-dim, no host sync
+        beta = group["betas"][1]
+        state["step"] += 1
+        exp_avg_sq = state["exp_avg_sq"]
+        exp_avg_sq.mul_(beta).addcmul_(grad, grad, value=1 - beta)
+        denom = (exp_avg_sq / (1 - beta ** state["step"])).sqrt_().add_(group["eps"])
+        direction = grad.div(denom).clamp_(-group["grad_bound"], group["grad_bound"])
+        self._decay(w, group)
+        w.mul_(torch.exp(direction.mul_(torch.sign(w)).mul_(-group["lr"])))
+        limit = state["max"].to(w.dtype)
+        w.copy_(torch.minimum(torch.maximum(w, -limit), limit))
+        return None
 
 
 # ---- the factory the trainer calls ----------------------------------------------------------------------
 
-OPTIMIZERS = ("adamw", "manifold_adamw", "grid", "sgd")
-_OPTIONS = ("momentum", "nesterov", "mode", "track_bit_position", "rung_clip", "fallback_lr",
+OPTIMIZERS = ("adamw", "manifold_adamw", "grid", "sgd", "madam")
+_OPTIONS = ("momentum", "nesterov", "mode", "track_bit_position", "rung_clip", "weight_lr",
             "weight_storage", "storage_rounding", "kahan", "generator", "seed")  # fmt: skip
 
 
@@ -672,13 +796,15 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """Build the optimizer ``name`` (one of ``OPTIMIZERS``) from the run config's values.
 
-    ``options`` (any subset): ``momentum`` (sgd, grid; default 0.9), ``nesterov`` (sgd), ``mode`` and
-    ``track_bit_position`` (manifold_adamw), ``rung_clip`` and ``fallback_lr`` (grid),
-    ``weight_storage`` / ``storage_rounding`` / ``kahan`` (adamw, manifold_adamw, sgd), ``generator``
-    and ``seed`` (all). Options that do not apply to ``name`` are ignored, so a trainer can pass its
-    whole optimizer config -- except a ``weight_storage`` for ``grid`` (which stores on the grid
-    already), which raises. ``betas``/``eps`` are ignored by sgd and grid. An unknown name or option
-    raises ``ValueError`` listing the allowed ones.
+    ``options`` (any subset): ``momentum`` (sgd; default 0.9), ``nesterov`` (sgd), ``mode`` and
+    ``track_bit_position`` (manifold_adamw), ``rung_clip`` (grid), ``weight_lr`` (manifold_adamw,
+    grid, madam: the weight-unit lr of decay and of parameters without a format; default 1e-3),
+    ``weight_storage`` / ``storage_rounding`` / ``kahan``, ``generator`` and ``seed`` (all).
+    Options that do not apply to ``name`` are ignored, so a trainer can pass its whole optimizer
+    config. ``grid`` keeps its weights on the grid and rounds its rung counts stochastically
+    already: it takes ``weight_storage`` None or ``"quantized"`` (the same thing for it), with
+    ``storage_rounding="stochastic"`` and no ``kahan``; anything else raises. ``betas``/``eps``
+    are ignored by sgd. An unknown name or option raises ``ValueError`` listing the allowed ones.
 
     >>> import torch
     >>> build_optimizer("manifold_adamw", [torch.nn.Parameter(torch.ones(2))], lr=0.5, mode="grad_scale")
@@ -692,16 +818,33 @@ def build_optimizer(
     name = name.lower()
     common = {"quant_info": quant_info, "generator": options.get("generator"), "seed": options.get("seed")}
     storage = {k: options[k] for k in ("weight_storage", "storage_rounding", "kahan") if k in options}
+    weight_lr = {"weight_lr": options["weight_lr"]} if "weight_lr" in options else {}
     if name == "adamw":
         return AdamW(params_or_groups, lr, betas, eps, weight_decay, **storage, **common)
     if name == "manifold_adamw":
         extra = {k: options[k] for k in ("mode", "track_bit_position") if k in options}
-        return ManifoldAdamW(params_or_groups, lr, betas, eps, weight_decay, **extra, **storage, **common)
+        return ManifoldAdamW(params_or_groups, lr, betas, eps, weight_decay, **weight_lr, **extra, **storage,
+                             **common)  # fmt: skip
+    if name == "madam":
+        return Madam(params_or_groups, lr, betas, eps, weight_decay, **weight_lr, **storage, **common)
     if name == "sgd":
         return SGD(params_or_groups, lr, options.get("momentum", 0.9), weight_decay,
                    options.get("nesterov", False), **storage, **common)  # fmt: skip
-    if storage.get("weight_storage") is not None:
-        raise ValueError("weight_storage: the grid optimizer keeps its weights on the grid already; "
-                         "set weight_storage only for adamw, manifold_adamw or sgd")
-    return GridOptim(params_or_groups, lr, options.get("momentum", 0.9), options.get("rung_clip", 4.0),
-                     weight_decay, fallback_lr=options.get("fallback_lr"), **common)  # fmt: skip
+    _check_grid_storage(storage)
+    return GridOptim(params_or_groups, lr, betas, eps, options.get("rung_clip", 4.0), weight_decay,
+                     **weight_lr, **common)  # fmt: skip
+
+
+def _check_grid_storage(storage: dict[str, Any]) -> None:
+    """GridOptim stores on the grid with stochastically rounded rungs: accept only settings saying so."""
+    weight_storage = storage.get("weight_storage")
+    if weight_storage is None:
+        if storage.get("kahan"):
+            raise ValueError("kahan: the grid optimizer has no remainder to compensate; set kahan: false")
+        return
+    if weight_storage != QUANTIZED_STORAGE:
+        raise ValueError(f"weight_storage: the grid optimizer stores each weight in its own format already; "
+                         f"use none or {QUANTIZED_STORAGE!r} with grid, not {weight_storage!r}")
+    if storage.get("kahan") or storage.get("storage_rounding", "nearest") != "stochastic":
+        raise ValueError("storage_rounding / kahan: the grid optimizer rounds its rungs stochastically and "
+                         "keeps no remainder; with grid, set storage_rounding: stochastic and kahan: false")

@@ -166,7 +166,8 @@ class Trainer:
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """Groups: quantized weights (lr in the optimizer's own unit), other 2+-dim weights and the
         rest (lr in weight units, ``train.lr``); weight decay only on 2+-dim weights. A shared
-        Parameter appears once. Each group's peak lr is kept as ``initial_lr`` for the schedule."""
+        Parameter appears once. Each group's peak lr is kept as ``initial_lr`` for the schedule.
+        ``weight_lr=train.lr``: the grid-aware optimizers' decay and unformatted parameters."""
         config = self.config
         params = list(dict.fromkeys(p for p in self.model.parameters() if p.requires_grad))
         quantized = [p for p in params if id(p) in self.layer_of_param]
@@ -178,7 +179,7 @@ class Trainer:
         ]
         groups = [group | {"initial_lr": group["lr"]} for group in groups if group["params"]]
         options = config.optimizer
-        storage = get_format(options.weight_storage) if options.weight_storage not in (None, "none") else None
+        storage = options.weight_storage if options.weight_storage != "none" else None  # name or "quantized"
         return build_optimizer(
             options.name,
             groups,
@@ -190,7 +191,7 @@ class Trainer:
             momentum=options.momentum,
             mode=options.manifold_mode,
             rung_clip=options.rung_clip,
-            fallback_lr=config.train.lr,
+            weight_lr=config.train.lr,
             weight_storage=storage,
             storage_rounding=options.storage_rounding,
             kahan=options.kahan,

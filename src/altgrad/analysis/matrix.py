@@ -40,8 +40,6 @@ MASTER_STORAGES = (None, "none", "fp32")
 """``optimizer.weight_storage`` values that keep an fp32 master copy of the weights."""
 ON_GRID = "on grid (grid optimizer)"
 """The storage of GridOptim, which keeps its weights on the format's grid (it takes no weight_storage)."""
-GRID_UNIT_OPTIMIZERS = ("manifold_adamw", "grid")
-"""Optimizers whose ``optimizer.lr`` defaults to 1.0 (grid units), as in RunConfig.optimizer_lr."""
 IDENTITY_LEAVES = ("name", "run_name", "out_dir", "output_dir", "run_dir", "dir", "path", "root")
 """Config leaves that name or locate a run rather than describe it; never treated as matrix axes."""
 
@@ -113,10 +111,18 @@ class Cell:
     @property
     def lr(self) -> float:
         """The peak lr of the quantized weights in the optimizer's unit: ``optimizer.lr`` when set, else
-        1.0 for grid-unit optimizers and ``train.lr`` for the others (NaN when not recorded)."""
+        the unit's default as in ``OptimizerConfig.lr_default`` (1.0 rung or ULP for grid and ulp_step
+        manifold_adamw, 0.01 for madam, ``train.lr`` for the others; NaN when not recorded)."""
         value = self._config("optimizer.lr")
         if value is None:
-            value = 1.0 if self.optimizer in GRID_UNIT_OPTIMIZERS else self._config("train.lr")
+            ulp_manifold = self.optimizer == "manifold_adamw" and self._config("optimizer.manifold_mode") in (
+                None,
+                "ulp_step",
+            )
+            if self.optimizer == "grid" or ulp_manifold:
+                value = 1.0
+            else:
+                value = 0.01 if self.optimizer == "madam" else self._config("train.lr")
         return math.nan if value is None else float(value)
 
     @property

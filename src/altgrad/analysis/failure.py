@@ -31,7 +31,7 @@ Example::
 
     >>> finding = classify_failure(load_run("runs/e7m0_adamw"))       # doctest: +SKIP
     >>> finding.to_dict()                                              # doctest: +SKIP
-    {'mode': 'forward precision', 'step': 40, 'layers': ['transformer.h.1.mlp.c_fc'], 'evidence': '...'}
+    {'mode': 'forward precision', 'step': 10, 'layers': ['transformer.h.1.attn.c_proj', ...], ...}
 """
 
 from __future__ import annotations

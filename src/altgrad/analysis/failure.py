@@ -216,8 +216,9 @@ def _forward(run: Run, baseline: Run | None) -> _Check:
         material |= (cost >= FORWARD_GAP_SHARE * gap) & (cost >= FORWARD_COST_FLOOR) & gap.notna()
     step = _onset(material, MIN_CONSECUTIVE_EVALS)
     if step is None:
-        worst = float(cost.max())
-        return _Check(None, [], f"largest forward cost {worst:.3g} nats at step {int(cost.idxmax())}")
+        at = int(cost.idxmax())
+        _, support = _forward_support(run, at)  # the worst layer's rounding, quoted even when it costs little
+        return _Check(None, [], f"largest forward cost {cost.loc[at]:.3g} nats at step {at}{support}")
     text = f"forward cost val_loss - val_loss_fp32_forward = {cost.loc[step]:.3g} nats at step {step}"
     if gap is not None and pd.notna(gap.loc[step]):
         text += f" (gap to fp32 {gap.loc[step]:.3g})"

@@ -35,14 +35,17 @@ def metric_records(
     grad_underflow: Signal = 0.0,
     activation_underflow: Signal = 0.0,
     weight_overflow: Signal = 0.0,
+    weight_rel_error: Signal = 0.03,
+    forward_cost: Signal = 0.0,
     first_layer_only: bool = False,
     flips: int = 10,
     rank: float = 8.0,
     quantized: bool = True,
 ) -> list[dict[str, Any]]:
     """Records for steps 1..steps: train_loss = loss_start - loss_slope * step, val_loss = train_loss + 0.1
-    every ``eval_every`` steps; per-layer stall / flips / quant fractions (only the first layer's fractions
-    carry the signal when ``first_layer_only``); stable/effective rank every 5 steps."""
+    every ``eval_every`` steps, with ``val_loss_fp32_forward = val_loss - forward_cost`` when quantized;
+    per-layer stall / flips / quant fractions / weight rel_error (only the first layer's carry the signal
+    when ``first_layer_only``); stable/effective rank every 5 steps."""
     records = []
     for step in range(1, steps + 1):
         loss = loss_start - loss_slope * step
@@ -57,6 +60,8 @@ def metric_records(
         if step % eval_every == 0:
             record["val_loss"] = loss + 0.1
             record["val_ppl"] = 2.718281828 ** (loss + 0.1)
+            if quantized:
+                record["val_loss_fp32_forward"] = loss + 0.1 - _at(forward_cost, step)
         if quantized:
             for i, layer in enumerate(LAYERS):
                 signal = i == 0 or not first_layer_only
@@ -69,6 +74,7 @@ def metric_records(
                     _at(activation_underflow, step) if signal else 0.0
                 )
                 record[f"quant/overflow_frac/{layer}/weight"] = _at(weight_overflow, step) if signal else 0.0
+                record[f"quant/rel_error/{layer}/weight"] = _at(weight_rel_error, step) if signal else 0.03
             record["flips/total"] = flips * len(LAYERS)
             record["updates/total"] = 100 * len(LAYERS)
             record["stall_ratio/mean"] = sum(record[f"stall_ratio/{layer}"] for layer in LAYERS) / len(LAYERS)
@@ -127,6 +133,7 @@ def config_for(
     scaling: str = "delayed",
     rules: list[dict] | None = None,
     precision: str = "fp32",
+    weight_storage: str | None = None,
 ) -> dict:
     """A resolved config.yaml like the trainer's (only the sections analysis reads, plus some others)."""
     return {
@@ -134,7 +141,7 @@ def config_for(
         "seed": seed,
         "out_dir": "runs",
         "train": {"max_steps": 20, "precision": precision, "eval_interval": 5},
-        "optimizer": {"name": optimizer, "betas": [0.9, 0.95]},
+        "optimizer": {"name": optimizer, "betas": [0.9, 0.95], "weight_storage": weight_storage},
         "quant": {
             "enabled": fmt is not None,
             "weight": fmt,

@@ -10,18 +10,21 @@ import math
 import pytest
 
 from altgrad.analysis.comparisons import find_equivalent_pairs, optimizer_comparison
-from altgrad.analysis.failure import FORWARD, GRADIENT, NONE, OPTIMIZER, classify_failure
+from altgrad.analysis.failure import FORWARD, GRADIENT, NONE, thresholds_text
 from altgrad.analysis.matrix import load_matrix
 from altgrad.analysis.matrix_report import failure_table, write_matrix_report
 from altgrad.analysis.report import write_report
 from altgrad.analysis.results import aggregate_over_seeds, results_table
-from altgrad.analysis.runs import load_run
 
 IMAGE = "data:image/png;base64,"
 
 
 def _grad_underflow(step):
-    return 0.3 if step >= 8 else 0.0
+    return 0.6 if step >= 8 else 0.0
+
+
+def _forward_cost(step):
+    return 0.05 if step >= 10 else 0.0
 
 
 def _activation_underflow(step):
@@ -52,7 +55,7 @@ CELLS = {
     ),
     "e5m2-manifold-s0": ("E5M2", "manifold_adamw", 0, 4.01, {"grad_underflow": _grad_underflow}),
     "e5m2-manifold-s1": ("E5M2", "manifold_adamw", 1, 4.00, {"grad_underflow": _grad_underflow}),
-    "e7m0-adamw-s0": ("E7M0", "adamw", 0, 4.50, {"stall": 0.99}),
+    "e7m0-adamw-s0": ("E7M0", "adamw", 0, 4.50, {"stall": 0.99, "forward_cost": _forward_cost}),
     "e7m0-grid-s0": ("E7M0", "grid", 0, 4.40, {}),
     "e3m4-adamw-s0": ("E3M4", "adamw", 0, 4.10, {"activation_underflow": _activation_underflow}),
     "e1m6-adamw-s0": ("E1M6", "adamw", 0, 4.20, {}),
@@ -178,37 +181,17 @@ def test_failure_classification(matrix_dir, synth):
     findings = failure_table(load_matrix(matrix_dir).cells).set_index("cell")
     assert findings.loc["e5m2-adamw-s0", "failure"] == GRADIENT
     assert findings.loc["e5m2-adamw-s0", "step"] == 8
-    assert findings.loc["e5m2-adamw-s0", "layers first"] == synth.LAYERS[0]
-    assert findings.loc["e7m0-adamw-s0", "failure"] == OPTIMIZER
-    assert findings.loc["e7m0-adamw-s0", "step"] == 1
-    assert findings.loc["e3m4-adamw-s0", "failure"] == FORWARD
-    assert findings.loc["e3m4-adamw-s0", "step"] == 5
+    assert findings.loc["e5m2-adamw-s0", "layers first"].split(", ")[0] == synth.LAYERS[0]
+    # E7M0 stalls 99% with an fp32 master (grid coarseness); its forward costs 0.05 nats from step 10
+    assert findings.loc["e7m0-adamw-s0", "failure"] == FORWARD
+    assert findings.loc["e7m0-adamw-s0", "step"] == 10
+    # an activation underflow of 20% that costs nothing at eval is not a failure
+    assert findings.loc["e3m4-adamw-s0", "failure"] == NONE
     assert findings.loc["e4m3-adamw-s0", "failure"] == NONE
     assert findings.loc["e4m3-adamw-s0", "step"] == "none"
     markdown = (matrix_dir / "report.md").read_text()
-    assert "Thresholds: an overflow or underflow fraction >= 0.05" in markdown
+    assert thresholds_text() in markdown
     assert "E5M2 / adamw: gradient fidelity in 2 of 2 run(s), earliest at step 8" in markdown
-
-
-def test_failure_edge_cases(tmp_path, synth):
-    """A short spike is not a failure; a collapse without evidence is reported as such."""
-    spike = synth.metric_records(20, stall=lambda step: 0.99 if step in (4, 5) else 0.5)
-    assert classify_failure(load_run(synth.write_run(tmp_path / "spike", None, spike))).mode == NONE
-    events = [{"step": 15, "kind": "nan_stop", "message": "non-finite loss", "layers": ["h.1.mlp"]}]
-    collapsed = load_run(synth.write_run(tmp_path / "nan", None, synth.metric_records(15), events))
-    finding = classify_failure(collapsed)
-    assert (finding.mode, finding.step, finding.layers) == (NONE, 15, ["h.1.mlp"])
-    warmup = synth.metric_records(20, stall=lambda step: 0.99 if step <= 6 else 0.5)
-    config = {"train": {"warmup_steps": 6}}
-    assert classify_failure(load_run(synth.write_run(tmp_path / "warmup", config, warmup))).mode == NONE
-    decayed = synth.metric_records(20, stall=lambda step: 0.99 if step >= 12 else 0.5)
-    for record in decayed:  # the lr decays to a tenth of its peak from step 11 on
-        record["lr"] = 1e-3 if record["step"] <= 10 else 1e-4
-    assert classify_failure(load_run(synth.write_run(tmp_path / "decayed", None, decayed))).mode == NONE
-    still_high = synth.metric_records(20, stall=lambda step: 0.99 if step >= 12 else 0.5)
-    assert classify_failure(load_run(synth.write_run(tmp_path / "high", None, still_high))).step == 12
-    late = synth.metric_records(20, grad_underflow=lambda step: 0.5 if step >= 19 else 0.0)
-    assert classify_failure(load_run(synth.write_run(tmp_path / "late", None, late))).step == 19
 
 
 def test_manifold_vs_standard_verdicts_paired_by_seed(table, matrix_dir, synth):

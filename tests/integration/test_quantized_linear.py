@@ -1,14 +1,21 @@
+import copy
+import math
+
+import ml_dtypes
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from altgrad.integration import (
+    STAT_FIELDS,
     LayerQuantSpec,
     QuantizedLinear,
     QuantPlan,
     QuantRule,
     dequantize_model,
+    full_precision_forward,
     quantize_model,
     quantized_layers,
 )
@@ -68,7 +75,7 @@ def test_delayed_scaling_uses_earlier_amax_and_counts_overflow():
     activation = stats[1]
     assert activation[0].item() == 32  # overflowed elements (second call)
     assert activation[3].item() == 64  # elements seen
-    assert torch.equal(layer.read_stats(), torch.zeros(3, 4))  # read_stats resets
+    assert torch.equal(layer.read_stats(), torch.zeros(3, len(STAT_FIELDS)))  # read_stats resets
 
 
 def test_underflow_is_counted():
@@ -166,3 +173,67 @@ def test_set_format_switches_the_weight_grid():
     assert layer.weight_format is E3M4
     with pytest.raises(ValueError, match="kind"):
         layer.set_format("bias", E3M4)
+
+
+def _stat(layer: QuantizedLinear, kind: str, field: str) -> float:
+    return float(layer.quant_stats[("weight", "activation", "grad").index(kind), STAT_FIELDS.index(field)])
+
+
+@pytest.mark.parametrize("scaling", ["current", "mx"])
+def test_rel_error_matches_ml_dtypes_rounding(scaling):
+    """||Q(x) - x|| / ||x|| per kind, against numpy rounding through ml_dtypes.float8_e4m3fn at the same
+    scales (float64 sums); the gradient's error from the upstream gradient the layer quantized."""
+    torch.manual_seed(1)
+    linear = nn.Linear(64, 8)
+    layer = QuantizedLinear(linear, LayerQuantSpec(weight=E4M3, activation=E4M3, grad=E4M3, scaling=scaling))
+    layer.collect_stats = True
+    x, upstream = torch.randn(4, 64), torch.randn(4, 8) * 1e-3
+    layer(x).backward(upstream)
+
+    def reference(values: torch.Tensor, kind: str) -> float:
+        v = values.detach().double().numpy()
+        if scaling == "mx":
+            scale = mx_block_scale(values.detach(), E4M3, 32).repeat_interleave(32, dim=-1)
+            scale = scale[..., : v.shape[-1]].double().numpy()
+        else:
+            scale = layer.quantizers[kind].last_scale.double().numpy()
+        saturated = np.clip(v / scale, -448.0, 448.0)  # the layer's overflow policy: saturate
+        q = saturated.astype(ml_dtypes.float8_e4m3fn).astype(np.float64) * scale
+        return float(np.sqrt(((q - v) ** 2).sum() / (v**2).sum()))
+
+    for kind, values in (("weight", linear.weight), ("activation", x), ("grad", upstream)):
+        measured = math.sqrt(_stat(layer, kind, "sum_sq_error") / _stat(layer, kind, "sum_sq"))
+        assert measured == pytest.approx(reference(values, kind), rel=1e-5), kind
+        assert 0.005 < measured < 0.1  # E4M3 rounds to about 2^-4 relative: not zero, not gross
+
+
+def test_nonfinite_counts_inputs_and_outputs_and_error_sums_skip_them():
+    _, layer = _layer(LayerQuantSpec(activation=E4M3, scaling="current"))
+    layer.collect_stats = True
+    x = torch.ones(1, 16)
+    x[0, 0], x[0, 1] = float("nan"), 3.0
+    layer(x)
+    assert _stat(layer, "activation", "nonfinite") == 1
+    assert _stat(layer, "activation", "sum_sq") == 15 - 1 + 9  # the NaN element is left out
+
+
+def test_full_precision_forward_is_the_unquantized_model():
+    """Bypassing the quantizers gives the loss of the same weights in plain nn.Linear layers, bit for bit,
+    and touches no statistics."""
+    model = _tiny_gpt()
+    quantize_model(model, QuantPlan(weight="E3M4", activation="E3M4", grad="E5M2"))
+    layers = quantized_layers(model)
+    x = torch.randint(11, (2, 8))
+    model.eval()
+    _, quantized_loss = model(x, x)
+    for layer in layers.values():
+        layer.collect_stats = True
+    with full_precision_forward(model):
+        _, bypassed = model(x, x)
+    assert all(not layer.quant_stats.any() for layer in layers.values())
+    assert not any(layer.full_precision for layer in layers.values())
+    plain = copy.deepcopy(model)
+    dequantize_model(plain)
+    _, reference = plain(x, x)
+    assert torch.equal(bypassed, reference)
+    assert not torch.equal(bypassed, quantized_loss)

@@ -6,7 +6,7 @@ Example::
     >>> write_report("runs/matrix")                         # doctest: +SKIP
 """
 
-from altgrad.analysis.failure import FailureFinding, classify_failure
+from altgrad.analysis.failure import FailureFinding, classify_failure, write_analysis
 from altgrad.analysis.matrix import Cell, Matrix, load_matrix
 from altgrad.analysis.matrix_report import write_matrix_report
 from altgrad.analysis.report import write_report
@@ -27,6 +27,7 @@ __all__ = [
     "load_run",
     "results_table",
     "summarize_run",
+    "write_analysis",
     "write_matrix_report",
     "write_report",
     "write_run_report",

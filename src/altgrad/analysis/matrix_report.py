@@ -305,13 +305,15 @@ def _fractions_plot(doc: Document, curves: dict[tuple[str, str], list[Run]]) -> 
 
 
 def failure_table(cells: list[Cell]) -> pd.DataFrame:
-    """The failure point of every quantized cell with a run (see ``altgrad.analysis.failure``)."""
+    """The failure finding of every quantized cell with a run (see ``altgrad.analysis.failure``); the
+    forward-cost threshold is relative to the gap to the fp32 baseline cell of the same seed, if any."""
     labels = short_labels(cells)
+    fp32 = {cell.seed: cell.run for cell in cells if cell.baseline == GAP_REFERENCE and cell.run is not None}
     rows = []
     for cell in cells:
         if cell.baseline or cell.run is None:
             continue
-        finding = classify_failure(cell.run)
+        finding = classify_failure(cell.run, baseline=fp32.get(cell.seed))
         rows.append(
             {
                 "cell": cell.name,

@@ -1,6 +1,8 @@
-"""The report of one run: header, summary table, loss / stall / flip / rank / overflow plots, events.
+"""The report of one run: header, summary table, failure analysis, loss / stall / flip / rank / overflow
+plots, events.
 
-Writes ``report.html`` (self-contained) and ``report.md`` (+ ``figures/*.png``) into the run folder.
+Writes ``report.html`` (self-contained), ``report.md`` (+ ``figures/*.png``) and ``analysis.json`` (the
+failure finding, see ``altgrad.analysis.failure``) into the run folder.
 A metric family the run did not record gets the sentence "not recorded in this run", not an empty plot.
 
 Example::
@@ -15,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from altgrad.analysis.document import Document
+from altgrad.analysis.failure import classify_failure, thresholds_text, write_analysis
 from altgrad.analysis.plots import fractions_figure, layer_lines_figure, loss_figure, rank_figure
 from altgrad.analysis.runs import Run, load_run
 from altgrad.analysis.summaries import (
@@ -112,6 +115,22 @@ def _fractions(doc: Document, run: Run) -> None:
     doc.figure(fractions_figure(overflow, underflow), "quant_fractions", caption)
 
 
+def _failure(doc: Document, run: Run) -> None:
+    doc.heading("Failure analysis")
+    finding = classify_failure(run)
+    doc.table(
+        pd.DataFrame(
+            {
+                "failure": [finding.mode],
+                "step": ["none" if finding.step is None else finding.step],
+                "layers (worst first)": [", ".join(finding.layers) or "–"],
+                "evidence": [finding.evidence],
+            }
+        )
+    )
+    doc.paragraph(thresholds_text())
+
+
 def _events(doc: Document, run: Run) -> None:
     doc.heading("Events")
     if run.events.empty:
@@ -138,6 +157,7 @@ def build_run_document(run: Run) -> Document:
     doc.heading("Summary")
     doc.table(summary_table(run))
     doc.note("— = not recorded (or NaN). Derived figures come from the logged steps only.")
+    _failure(doc, run)
     _loss(doc, run)
     _per_layer(doc, run, "stall_ratio", "Stall ratio per layer", "stall ratio")
     _per_layer(doc, run, "flip_rate", "Flip rate per layer", "flip rate")
@@ -148,6 +168,7 @@ def build_run_document(run: Run) -> Document:
 
 
 def write_run_report(run_dir: str | Path) -> Path:
-    """Write report.html, report.md and figures/ into ``run_dir``; return the path of report.html."""
+    """Write report.html, report.md, figures/ and analysis.json into ``run_dir``; return report.html."""
     run = load_run(run_dir)
+    write_analysis(run)
     return build_run_document(run).write(run.path)

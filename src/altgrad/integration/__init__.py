@@ -9,16 +9,24 @@ from .model_surgery import (
     quantized_layers,
     resolve_format,
 )
-from .quantized_linear import TENSOR_KINDS, LayerQuantSpec, QuantizedLinear
+from .quantized_linear import (
+    STAT_FIELDS,
+    TENSOR_KINDS,
+    LayerQuantSpec,
+    QuantizedLinear,
+    full_precision_forward,
+)
 
 __all__ = [
     "LayerQuantSpec",
     "QuantPlan",
     "QuantRule",
     "QuantizedLinear",
+    "STAT_FIELDS",
     "SurgeryReport",
     "TENSOR_KINDS",
     "dequantize_model",
+    "full_precision_forward",
     "quantize_model",
     "quantized_layers",
     "resolve_format",

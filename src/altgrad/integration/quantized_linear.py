@@ -16,8 +16,11 @@ Scales (``scaling=``): ``"delayed"`` (default; per tensor, the max of an amax hi
 ``"mx"`` (blocks of 32 along the last axis sharing an E8M0 scale, OCP MX).
 
 Each layer counts, per tensor kind, the elements that overflowed (|v / s| > max_finite), that
-underflowed (non-zero but quantized to zero) and that were not finite, while ``collect_stats`` is on.
-The counts stay on the device as one tensor; ``read_stats`` returns them.
+underflowed (non-zero but quantized to zero) and that were not finite (before or after quantization),
+and sums the squared rounding error and the squared values of the finite elements, while
+``collect_stats`` is on. ``rel_error = sqrt(sum_sq_error / sum_sq) = ||Q(x) - x|| / ||x||`` is the
+relative RMS error of the tensor the layer used. The sums stay on the device as one tensor (rows
+``TENSOR_KINDS``, columns ``STAT_FIELDS``); ``read_stats`` returns them.
 
 Example::
 
@@ -27,6 +30,8 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -47,6 +52,8 @@ TENSOR_KINDS: tuple[str, ...] = ("weight", "activation", "grad")
 SCALING_MODES: tuple[str, ...] = ("delayed", "current", "per_channel", "mx")
 ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
 MX_BLOCK_SIZE = 32
+STAT_FIELDS: tuple[str, ...] = ("overflow", "underflow", "nonfinite", "total", "sum_sq_error", "sum_sq")
+"""Columns of ``quant_stats``: element counts, then the sums of (Q(x) - x)^2 and x^2 over finite elements."""
 
 
 @dataclass(frozen=True)
@@ -133,14 +140,22 @@ class _TensorQuantizer(nn.Module):
         fmt = self.format
         assert fmt is not None
         finite = torch.isfinite(original)
+        both_finite = finite & torch.isfinite(quantized)
         magnitude = original.abs() if scale is None else original.abs() / scale
-        overflow = (finite & (magnitude > fmt.max_finite)).sum() if scale is not None else torch.zeros(())
+        overflow = (
+            (finite & (magnitude > fmt.max_finite)).sum() if scale is not None else original.new_zeros(())
+        )
+        error = torch.where(both_finite, quantized.float() - original.float(), 0.0)
+        value = torch.where(both_finite, original.float(), 0.0)
+        dtype = self.stats.dtype
         counts = torch.stack(
             [
-                overflow.to(self.stats.dtype),
-                ((quantized == 0) & (original != 0) & finite).sum().to(self.stats.dtype),
-                (~finite).sum().to(self.stats.dtype),
-                torch.tensor(float(original.numel()), dtype=self.stats.dtype, device=self.stats.device),
+                overflow.to(dtype),
+                ((quantized == 0) & (original != 0) & finite).sum().to(dtype),
+                (~both_finite).sum().to(dtype),
+                torch.tensor(float(original.numel()), dtype=dtype, device=original.device),
+                error.square().sum().to(dtype),
+                value.square().sum().to(dtype),
             ]
         )
         self.stats[self.kind_index].add_(counts.to(self.stats.device))
@@ -169,7 +184,10 @@ class QuantizedLinear(nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         self.spec = spec
-        self.register_buffer("quant_stats", torch.zeros(len(TENSOR_KINDS), 4, device=linear.weight.device))
+        self.register_buffer(
+            "quant_stats", torch.zeros(len(TENSOR_KINDS), len(STAT_FIELDS), device=linear.weight.device)
+        )
+        self.full_precision = False  # True: a plain nn.Linear forward, quantizers bypassed (a control)
         self.quantizers = nn.ModuleDict(
             {kind: _TensorQuantizer(spec, kind, self.quant_stats, i) for i, kind in enumerate(TENSOR_KINDS)}
         )
@@ -214,7 +232,7 @@ class QuantizedLinear(nn.Module):
             quantizer.collect_stats = on
 
     def read_stats(self, reset: bool = True) -> torch.Tensor:
-        """Counts per kind (rows weight, activation, grad): overflow, underflow, non-finite, total."""
+        """Sums per kind (rows ``TENSOR_KINDS``, columns ``STAT_FIELDS``), on the layer's device."""
         stats = self.quant_stats.clone()
         if reset:
             self.quant_stats.zero_()
@@ -223,6 +241,8 @@ class QuantizedLinear(nn.Module):
     # ---- forward --------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.full_precision:
+            return F.linear(x, self.weight, self.bias)
         weight = self.quantizers["weight"](self.weight)
         activation = self.quantizers["activation"](x)
         out = F.linear(activation, weight, self.bias)
@@ -253,3 +273,25 @@ class QuantizedLinear(nn.Module):
         for kind, quantizer in self.quantizers.items():
             quantizer.history.load_state_dict(state[kind]["history"])
             quantizer.last_scale = state[kind]["last_scale"]
+
+
+@contextlib.contextmanager
+def full_precision_forward(model: nn.Module) -> Iterator[None]:
+    """Within the block every QuantizedLinear of ``model`` computes ``x @ W.T + b`` unquantized (no scale
+    updates, no statistics): the same weights with a full-precision forward, the control that
+    separates the forward's rounding cost from what the weights learned.
+
+    Example::
+
+        >>> with full_precision_forward(model):        # doctest: +SKIP
+        ...     _, fp32_forward_loss = model(x, y)
+    """
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    previous = [layer.full_precision for layer in layers]
+    for layer in layers:
+        layer.full_precision = True
+    try:
+        yield
+    finally:
+        for layer, was in zip(layers, previous, strict=True):
+            layer.full_precision = was

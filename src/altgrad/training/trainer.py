@@ -39,6 +39,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from altgrad.integration import QuantizedLinear, QuantPlan, QuantRule, quantize_model, quantized_layers
+from altgrad.integration.quantized_linear import full_precision_forward
 from altgrad.quantization.flip_metrics import WeightFlipTracker
 from altgrad.quantization.formats import get_format
 from altgrad.quantization.rank_health import RankHealthMonitor
@@ -52,6 +53,7 @@ from .metrics import compute_gradient_stats, rank_stats
 from .model import GPT, GPTConfig
 from .optimizer import build_optimizer
 from .optimizer_diagnostics import optimizer_statistics
+from .quant_metrics import quant_stats_record
 from .schedule import cosine_with_warmup
 
 EVAL_SEED = 1234  # every run evaluates on the same validation windows
@@ -330,8 +332,9 @@ class Trainer:
         return loss.detach(), record
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss of the quantized model over ``eval_batches`` fixed validation windows."""
+    def evaluate(self, full_precision: bool = False) -> float:
+        """Mean loss of the quantized model over ``eval_batches`` fixed validation windows; with
+        ``full_precision``, of the same weights, quantizers bypassed (the forward-precision control)."""
         self.model.eval()
         for layer in self.layers.values():  # the quant statistics describe training steps only
             layer.collect_stats = False
@@ -341,7 +344,8 @@ class Trainer:
             x, y = self.data.get_batch(
                 "val", self.config.train.batch_size, self.config.model.block_size, generator
             )
-            with self._autocast():
+            bypass = full_precision_forward(self.model) if full_precision else contextlib.nullcontext()
+            with self._autocast(), bypass:
                 _, loss = self.model(x.to(self.device), y.to(self.device))
             losses.append(loss.float())
         return float(torch.stack(losses).mean())
@@ -349,28 +353,7 @@ class Trainer:
     # ---- reading the diagnostics (one host sync each) ---------------------------------------------------
 
     def _quant_record(self) -> dict[str, float]:
-        if not self.layers:
-            return {}
-        names = list(self.layers)
-        stats = torch.stack([self.layers[name].read_stats() for name in names]).cpu()  # layer x kind x field
-        record: dict[str, float] = {}
-        totals = stats[..., 3].clamp(min=1)
-        fractions = {
-            "overflow_frac": stats[..., 0] / totals,
-            "underflow_frac": stats[..., 1] / totals,
-            "nonfinite_frac": stats[..., 2] / totals,
-        }
-        for k, kind in enumerate(("weight", "activation", "grad")):
-            measured = stats[:, k, 3] > 0
-            if not bool(measured.any()):
-                continue
-            for key, values in fractions.items():
-                record[f"quant/{key}/{kind}"] = float(values[measured, k].mean())
-            for i, name in enumerate(names):
-                if bool(measured[i]):
-                    record[f"quant/overflow_frac/{name}/{kind}"] = float(fractions["overflow_frac"][i, k])
-                    record[f"quant/underflow_frac/{name}/{kind}"] = float(fractions["underflow_frac"][i, k])
-        return record
+        return quant_stats_record({name: layer.read_stats() for name, layer in self.layers.items()})
 
     def _rank_record(self) -> dict[str, float]:
         ranks = self.rank_monitor.compute_layer_ranks(self.model)
@@ -488,6 +471,8 @@ class Trainer:
                     record["val_loss"] = last_val_loss
                     record["val_ppl"] = math.exp(min(last_val_loss, 700.0))
                     self.best_val_loss = min(self.best_val_loss, last_val_loss)
+                    if self.layers:  # the same weights, forward unquantized: val_loss minus it = forward cost
+                        record["val_loss_fp32_forward"] = self.evaluate(full_precision=True)
                 if self._due(diagnostics.rank_interval, step):
                     record.update(self._rank_record())
                 if self._due(diagnostics.optimizer_stats_interval, step) and self.tracked:

@@ -15,6 +15,11 @@ Scales (``scaling=``): ``"delayed"`` (default; per tensor, the max of an amax hi
 ``"per_channel"`` (weights per output row, activations and gradients per tensor, current amax),
 ``"mx"`` (blocks of 32 along the last axis sharing an E8M0 scale, OCP MX).
 
+Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2's matmuls) is a Linear whose weight is
+stored transposed, ``(in, out)``; ``QuantizedLinear`` wraps it too, keeping that Parameter as it is
+and quantizing its ``(out, in)`` view, so per-channel and MX scales follow the output rows and the
+reduction axis exactly as for an nn.Linear. ``weight_scale()`` is returned in the stored layout.
+
 Each layer counts, per tensor kind, the elements that overflowed (|v / s| > max_finite), that
 underflowed (non-zero but quantized to zero) and that were not finite, while ``collect_stats`` is on.
 The counts stay on the device as one tensor; ``read_stats`` returns them.
@@ -27,6 +32,7 @@ Example::
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, replace
 
 import torch
@@ -47,6 +53,16 @@ TENSOR_KINDS: tuple[str, ...] = ("weight", "activation", "grad")
 SCALING_MODES: tuple[str, ...] = ("delayed", "current", "per_channel", "mx")
 ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
 MX_BLOCK_SIZE = 32
+
+
+def hf_conv1d_type() -> type[nn.Module] | None:
+    """``transformers.pytorch_utils.Conv1D`` if transformers is loaded (a model cannot hold one otherwise)."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Linear`` or a transformers ``Conv1D`` (exact types, not subclasses)."""
+    return type(module) is nn.Linear or (type(module) is hf_conv1d_type() is not None)
 
 
 @dataclass(frozen=True)
@@ -161,11 +177,17 @@ class _QuantizeGradient(torch.autograd.Function):
 
 
 class QuantizedLinear(nn.Module):
-    """A drop-in for ``nn.Linear`` that shares the original's Parameters (tied weights stay tied)."""
+    """A drop-in for ``nn.Linear`` (or transformers' ``Conv1D``) that shares the original's Parameters
+    (tied weights stay tied)."""
 
-    def __init__(self, linear: nn.Linear, spec: LayerQuantSpec) -> None:
+    def __init__(self, linear: nn.Module, spec: LayerQuantSpec) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        conv1d = hf_conv1d_type()
+        if not isinstance(linear, nn.Linear) and not (conv1d is not None and isinstance(linear, conv1d)):
+            raise ValueError(f"linear: expected nn.Linear or a transformers Conv1D, got {type(linear)}")
+        self.transposed = not isinstance(linear, nn.Linear)  # Conv1D stores the weight as (in, out)
+        out_in = linear.weight.shape[::-1] if self.transposed else linear.weight.shape
+        self.out_features, self.in_features = out_in
         self.weight = linear.weight
         self.bias = linear.bias
         self.spec = spec
@@ -174,9 +196,15 @@ class QuantizedLinear(nn.Module):
             {kind: _TensorQuantizer(spec, kind, self.quant_stats, i) for i, kind in enumerate(TENSOR_KINDS)}
         )
 
-    def to_linear(self) -> nn.Linear:
-        """A plain nn.Linear holding the same Parameters."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+    def to_linear(self) -> nn.Module:
+        """The plain module it replaced (nn.Linear, or Conv1D when transposed) holding the same Parameters."""
+        if self.transposed:
+            conv1d = hf_conv1d_type()
+            assert conv1d is not None, "a transposed QuantizedLinear was built from transformers' Conv1D"
+            with torch.device("meta"):
+                linear = conv1d(self.out_features, self.in_features)
+        else:
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight = self.weight
         linear.bias = self.bias
         return linear
@@ -187,14 +215,20 @@ class QuantizedLinear(nn.Module):
     def weight_format(self) -> FloatFormat | None:
         return self.spec.weight
 
+    def weight_out_in(self) -> torch.Tensor:
+        """The weight as an ``(out, in)`` matrix: the Parameter itself, or a transposed view of a Conv1D's."""
+        return self.weight.t() if self.transposed else self.weight
+
     def weight_scale(self) -> torch.Tensor:
-        """The weight scale of the last forward (computed now if there was none), broadcastable to W."""
+        """The weight scale of the last forward (computed now if there was none), broadcastable to the
+        weight Parameter as stored (``(in, out)`` for a Conv1D)."""
         quantizer = self.quantizers["weight"]
-        if quantizer.last_scale is not None:
-            return quantizer.last_scale
-        if self.spec.weight is None:
-            return torch.ones((), device=self.weight.device)
-        return quantizer.scale_for(self.weight)
+        scale = quantizer.last_scale
+        if scale is None:
+            if self.spec.weight is None:
+                return torch.ones((), device=self.weight.device)
+            scale = quantizer.scale_for(self.weight_out_in())
+        return scale.t() if self.transposed and scale.dim() == 2 else scale
 
     def set_format(self, kind: str, fmt: FloatFormat | None) -> None:
         """Switch one tensor kind to another format (an emergency format shift); the amax history stays."""
@@ -223,7 +257,7 @@ class QuantizedLinear(nn.Module):
     # ---- forward --------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.quantizers["weight"](self.weight)
+        weight = self.quantizers["weight"](self.weight_out_in())
         activation = self.quantizers["activation"](x)
         out = F.linear(activation, weight, self.bias)
         if self.spec.grad is not None and out.requires_grad:
@@ -235,7 +269,8 @@ class QuantizedLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, "
-            f"weight={names['weight']}, activation={names['activation']}, grad={names['grad']}, "
+            + ("transposed=True, " if self.transposed else "")
+            + f"weight={names['weight']}, activation={names['activation']}, grad={names['grad']}, "
             f"scaling={self.spec.scaling}"
         )
 

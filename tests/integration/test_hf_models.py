@@ -26,6 +26,7 @@ from altgrad.integration import (  # noqa: E402
     quantized_layers,
 )
 from altgrad.quantization import E4M3  # noqa: E402
+from altgrad.quantization.flip_metrics import WeightFlipTracker  # noqa: E402
 
 VOCAB = 64
 GPT2_BLOCK_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -200,3 +201,22 @@ def test_dequantize_gives_back_the_conv1d_with_the_same_parameters():
     restored = model.transformer.h[0].attn.c_attn
     assert type(restored) is Conv1D and restored.weight is weight and (restored.nf, restored.nx) == (96, 32)
     assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_flips_of_a_conv1d_layer_equal_an_ml_dtypes_count_of_changed_codes():
+    torch.manual_seed(3)
+    layer = QuantizedLinear(Conv1D(8, 16), LayerQuantSpec(weight=E4M3, scaling="per_channel"))
+    layer(torch.randn(3, 16))
+    tracker = WeightFlipTracker()
+    scale = layer.weight_scale()
+    before = layer.weight.detach().clone()
+    tracker.snapshot_pre_step("c_fc", layer.weight, E4M3, scale)
+    with torch.no_grad():
+        layer.weight.add_(torch.randn_like(layer.weight) * 0.002)
+    flips = tracker.record_post_step("c_fc", layer.weight, E4M3, scale)
+
+    def codes(w: torch.Tensor) -> np.ndarray:  # (in, out) weight, one scale per output column, saturating
+        return np.clip(w.numpy() / scale.numpy(), -448, 448).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+
+    expected = int((codes(before) != codes(layer.weight.detach())).sum())
+    assert 0 < expected < layer.weight.numel() and int(flips) == expected

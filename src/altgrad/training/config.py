@@ -43,6 +43,11 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
+    """``source: hf`` (with ``hf_config``) and ``factory`` build other models: see training/models.py."""
+
+    source: Literal["altgrad", "hf"] = "altgrad"
+    hf_config: str | None = None
+    factory: str | None = None
     n_layer: int = Field(4, ge=1)
     n_head: int = Field(4, ge=1)
     n_embd: int = Field(128, ge=1)
@@ -54,14 +59,19 @@ class ModelConfig(_Section):
     def _heads_divide_width(self) -> ModelConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.source == "hf" and self.hf_config is None:
+            raise ValueError("source 'hf' needs hf_config, a local config.json (or the folder holding it)")
+        if self.source == "hf" and self.factory is not None:
+            raise ValueError("give either source 'hf' (with hf_config) or factory, not both")
         return self
 
 
 class DataConfig(_Section):
     source: Literal["shakespeare", "text", "hf"] = "shakespeare"
-    tokenizer: Literal["char", "byte", "bpe"] = "char"
+    tokenizer: Literal["char", "byte", "bpe", "hf"] = "char"
     path: str | None = None
     bpe_path: str | None = None
+    hf_tokenizer: str | None = None
     hf_name: str | None = None
     hf_config: str | None = None
     hf_split: str = "train"

@@ -49,7 +49,7 @@ from .config import RunConfig, apply_overrides, config_from_dict, save_config
 from .data import BatchSampler, load_data
 from .loggers import MetricsLogger
 from .metrics import compute_gradient_stats, rank_stats
-from .model import GPT, GPTConfig
+from .models import build_model
 from .optimizer import build_optimizer
 from .optimizer_diagnostics import optimizer_statistics
 from .schedule import cosine_with_warmup
@@ -92,16 +92,7 @@ class Trainer:
         self.sampler = BatchSampler(
             self.data, config.train.batch_size, config.model.block_size, seed=config.seed, device=self.device
         )
-        model_config = GPTConfig(
-            block_size=config.model.block_size,
-            vocab_size=self.data.tokenizer.vocab_size,
-            n_layer=config.model.n_layer,
-            n_head=config.model.n_head,
-            n_embd=config.model.n_embd,
-            dropout=config.model.dropout,
-            bias=config.model.bias,
-        )
-        self.model = GPT(model_config).to(self.device)
+        self.model = build_model(config, self.data.tokenizer.vocab_size).to(self.device)
         self.startup_warnings: list[str] = []
         if config.quant.enabled:
             surgery = quantize_model(self.model, _quant_plan(config))

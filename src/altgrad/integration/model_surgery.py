@@ -75,6 +75,9 @@ class QuantPlan:
     rounding: str = "nearest"
     amax_history: int = 16
     margin: int = 0
+    amax_compute_algo: str = "max"
+    power_of_two_scales: bool = False
+    mx_scale_rounding: str = "floor"
 
     def spec_for(self, module_name: str) -> tuple[LayerQuantSpec, list[int]]:
         """The layer's spec and the indices of the rules that matched it."""
@@ -90,6 +93,9 @@ class QuantPlan:
             rounding=self.rounding,
             amax_history=self.amax_history,
             margin=self.margin,
+            amax_compute_algo=self.amax_compute_algo,
+            power_of_two_scales=self.power_of_two_scales,
+            mx_scale_rounding=self.mx_scale_rounding,
         )
         return spec, matched
 

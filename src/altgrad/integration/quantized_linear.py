@@ -13,7 +13,13 @@ Weight and activation quantization are straight-through (their gradients pass un
 Scales (``scaling=``): ``"delayed"`` (default; per tensor, the max of an amax history of the last
 ``amax_history`` steps, as in Transformer Engine), ``"current"`` (per tensor, this call's amax),
 ``"per_channel"`` (weights per output row, activations and gradients per tensor, current amax),
-``"mx"`` (blocks of 32 along the last axis sharing an E8M0 scale, OCP MX).
+``"rowwise"`` (every tensor one scale per row, i.e. over its last axis: weights per output row,
+activations per token, gradients per token, current amax; torchao's rowwise recipe for the
+forward GEMM, while its backward re-scales the weight per column and never reuses the forward's
+quantized weight as altgrad does), ``"mx"`` (blocks of 32 along the last axis sharing an E8M0
+scale, OCP MX; ``mx_scale_rounding`` floor, ceil = RCEIL, or even).
+``amax_compute_algo`` (delayed scaling): ``"max"`` over the history, or its ``"most_recent"``
+entry. ``power_of_two_scales`` rounds every non-MX scale up to a power of two.
 
 Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2's matmuls) is a Linear whose weight is
 stored transposed, ``(in, out)``; ``QuantizedLinear`` wraps it too, keeping that Parameter as it is
@@ -42,6 +48,8 @@ import torch.nn.functional as F
 from altgrad.quantization.formats import FloatFormat
 from altgrad.quantization.ops import quantize
 from altgrad.quantization.scaling import (
+    AMAX_COMPUTE_ALGOS,
+    MX_ROUNDINGS,
     AmaxHistory,
     compute_scale,
     mx_block_scale,
@@ -50,7 +58,7 @@ from altgrad.quantization.scaling import (
 )
 
 TENSOR_KINDS: tuple[str, ...] = ("weight", "activation", "grad")
-SCALING_MODES: tuple[str, ...] = ("delayed", "current", "per_channel", "mx")
+SCALING_MODES: tuple[str, ...] = ("delayed", "current", "per_channel", "rowwise", "mx")
 ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
 MX_BLOCK_SIZE = 32
 
@@ -76,12 +84,20 @@ class LayerQuantSpec:
     rounding: str = "nearest"
     amax_history: int = 16
     margin: int = 0
+    amax_compute_algo: str = "max"
+    power_of_two_scales: bool = False
+    mx_scale_rounding: str = "floor"
 
     def __post_init__(self) -> None:
-        if self.scaling not in SCALING_MODES:
-            raise ValueError(f"scaling: {self.scaling!r} is not one of {SCALING_MODES}")
-        if self.rounding not in ROUNDINGS:
-            raise ValueError(f"rounding: {self.rounding!r} is not one of {ROUNDINGS}")
+        choices = {
+            "scaling": SCALING_MODES,
+            "rounding": ROUNDINGS,
+            "amax_compute_algo": AMAX_COMPUTE_ALGOS,
+            "mx_scale_rounding": MX_ROUNDINGS,
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}: {getattr(self, key)!r} is not one of {allowed}")
 
     def format_of(self, kind: str) -> FloatFormat | None:
         return getattr(self, kind)
@@ -115,19 +131,23 @@ class _TensorQuantizer(nn.Module):
         fmt, spec = self.format, self.spec
         assert fmt is not None
         if spec.scaling == "mx":  # each element at its block's power-of-two scale
-            block_scale = mx_block_scale(x.detach(), fmt, MX_BLOCK_SIZE)
+            block_scale = mx_block_scale(x.detach(), fmt, MX_BLOCK_SIZE, rounding=spec.mx_scale_rounding)
             return block_scale.repeat_interleave(MX_BLOCK_SIZE, dim=-1)[..., : x.shape[-1]]
+        power_of_two = spec.power_of_two_scales
         if spec.scaling == "per_channel" and self.kind == "weight":
-            return per_channel_scale(x.detach(), fmt, axis=0, margin=spec.margin)
+            return per_channel_scale(x.detach(), fmt, axis=0, margin=spec.margin, power_of_two=power_of_two)
+        if spec.scaling == "rowwise":
+            amax = x.detach().abs().amax(dim=-1, keepdim=True)
+            return compute_scale(amax, fmt, margin=spec.margin, power_of_two=power_of_two)
         low, high = torch.aminmax(x.detach())  # one pass, no |x| temporary
         current_amax = torch.maximum(high, -low).float()
         amax = current_amax
         if spec.scaling == "delayed":
             if len(self.history) > 0:
-                amax = self.history.amax
+                amax = self.history.amax_by(spec.amax_compute_algo)
             if record:
                 self.history.update(current_amax)
-        return compute_scale(amax, fmt, margin=spec.margin)
+        return compute_scale(amax, fmt, margin=spec.margin, power_of_two=power_of_two)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fmt = self.format
@@ -136,7 +156,9 @@ class _TensorQuantizer(nn.Module):
         scale = None
         if self.spec.scaling == "mx" and self.kind != "weight":
             # activations and gradients: block scales broadcast inside mx_quantize, no full-size scale
-            quantized, _ = mx_quantize(x, fmt, MX_BLOCK_SIZE, elem_rounding=self.spec.rounding)
+            quantized, _ = mx_quantize(
+                x, fmt, MX_BLOCK_SIZE, rounding=self.spec.mx_scale_rounding, elem_rounding=self.spec.rounding
+            )
             quantized = x + (quantized - x).detach()  # straight-through
         else:
             scale = self.last_scale = self.scale_for(x, record=self.training)

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from altgrad.integration.recipes import expand_recipe
 from altgrad.quantization.formats import FORMATS, get_format
 
 
@@ -131,15 +132,26 @@ class QuantRuleConfig(_Section):
 
 
 class QuantConfig(_Section):
+    """``recipe`` fills in the keys of a named preset the user did not give (integration/recipes.py)."""
+
     enabled: bool = True
+    recipe: str | None = None
     weight: str | None = "E4M3"
     activation: str | None = "E4M3"
     grad: str | None = "E5M2"
-    scaling: Literal["delayed", "current", "per_channel", "mx"] = "delayed"
+    scaling: Literal["delayed", "current", "per_channel", "rowwise", "mx"] = "delayed"
     rounding: Literal["nearest", "stochastic"] = "nearest"
     amax_history: int = Field(16, ge=1)
+    amax_compute_algo: Literal["max", "most_recent"] = "max"
     margin: int = Field(0, ge=0)
+    power_of_two_scales: bool = False
+    mx_scale_rounding: Literal["floor", "ceil", "even"] = "floor"
     rules: list[QuantRuleConfig] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_recipe(cls, data: Any) -> Any:
+        return expand_recipe(data) if isinstance(data, dict) else data
 
     @field_validator("weight", "activation", "grad")
     @classmethod

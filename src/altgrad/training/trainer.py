@@ -75,6 +75,9 @@ def _quant_plan(config: RunConfig) -> QuantPlan:
         rounding=quant.rounding,
         amax_history=quant.amax_history,
         margin=quant.margin,
+        amax_compute_algo=quant.amax_compute_algo,
+        power_of_two_scales=quant.power_of_two_scales,
+        mx_scale_rounding=quant.mx_scale_rounding,
     )
 
 

@@ -43,6 +43,7 @@ from altgrad.quantization.flip_metrics import WeightFlipTracker
 from altgrad.quantization.formats import get_format
 from altgrad.quantization.rank_health import RankHealthMonitor
 from altgrad.quantization.stability import FormatShiftController, PartitionRelativeClipper
+from altgrad.versions import run_versions
 
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, apply_overrides, config_from_dict, save_config
@@ -558,6 +559,7 @@ class Trainer:
             "format_shifts": self.shift_events,
             "partition_clip_steps": self.clipper.summary() if self.clipper else None,
             "wall_time_s": wall_time,
+            "versions": run_versions(),
         }
 
 

@@ -7,6 +7,7 @@ unmodified model's own forward.
 
 import copy
 import warnings
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -220,3 +221,14 @@ def test_flips_of_a_conv1d_layer_equal_an_ml_dtypes_count_of_changed_codes():
 
     expected = int((codes(before) != codes(layer.weight.detach())).sum())
     assert 0 < expected < layer.weight.numel() and int(flips) == expected
+
+
+def test_the_readme_snippet_runs_as_it_says():
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    blocks = [b.split("```")[0] for b in readme.split("```python\n")[1:]]
+    (snippet,) = [b for b in blocks if "GPT2LMHeadModel" in b]
+    namespace: dict = {}
+    exec(snippet, namespace)
+    report = namespace["report"]
+    assert len(report.layers) == 8 and "lm_head" not in report.layers
+    assert report.skipped == {"transformer.wte": "Embedding", "transformer.wpe": "Embedding"}

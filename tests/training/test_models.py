@@ -17,7 +17,7 @@ from altgrad.cli import main  # noqa: E402
 from altgrad.training.config import ConfigError, load_config  # noqa: E402
 from altgrad.training.data import load_data, tokenizer_from_state  # noqa: E402
 from altgrad.training.models import build_model, load_factory, logits_of  # noqa: E402
-from altgrad.training.trainer import train  # noqa: E402
+from altgrad.training.trainer import Trainer, resume, train  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -127,18 +127,19 @@ def test_hf_tokenizer_needs_a_local_folder(tmp_path):
         load_data(source="text", path=__file__, tokenizer="hf", hf_tokenizer=tmp_path / "missing")
 
 
-def test_gpt2_from_a_config_file_trains_with_every_diagnostic(local_files, tmp_path):
-    config = load_config(
-        None,
-        run_overrides(
-            local_files,
-            tmp_path,
-            "name=gpt2",
-            "model.source=hf",
-            f"model.hf_config={local_files / 'gpt2' / 'config.json'}",
-        ),
-    )
-    summary = train(config)
+def gpt2_config(root, out_dir, name):
+    hf_config = f"model.hf_config={root / 'gpt2' / 'config.json'}"
+    return load_config(None, run_overrides(root, out_dir, f"name={name}", "model.source=hf", hf_config))
+
+
+@pytest.fixture(scope="module")
+def gpt2_run(local_files, tmp_path_factory):
+    config = gpt2_config(local_files, tmp_path_factory.mktemp("runs"), "gpt2")
+    return config, train(config)
+
+
+def test_gpt2_from_a_config_file_trains_with_every_diagnostic(local_files, gpt2_run):
+    config, summary = gpt2_run
     assert summary["status"] == "completed" and summary["steps"] == 4
     assert math.isfinite(summary["final_train_loss"]) and math.isfinite(summary["final_val_loss"])
     records = read_jsonl(config.run_dir / "metrics.jsonl")
@@ -149,6 +150,30 @@ def test_gpt2_from_a_config_file_trains_with_every_diagnostic(local_files, tmp_p
     assert any(key.startswith(f"stable_rank/{layer}") for key in records[1]), sorted(records[1])
     model = build_model(config, vocab_size=config_vocab(local_files))
     assert type(model).__name__ == "GPT2LMHeadModel" and model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_a_gpt2_run_resumes_exactly(local_files, gpt2_run, tmp_path, monkeypatch):
+    config, _ = gpt2_run
+    crashing = gpt2_config(local_files, tmp_path, "gpt2")
+    real_step = Trainer._train_step
+
+    def crash_at_step_3(self, measure):
+        if self.step == 3:
+            raise RuntimeError("simulated crash")
+        return real_step(self, measure)
+
+    monkeypatch.setattr(Trainer, "_train_step", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(crashing)
+    monkeypatch.undo()
+    (crashing.run_dir / "checkpoints" / "step_3.pt").unlink()  # resume from step 2 (dropout RNG included)
+    assert resume(crashing.run_dir)["status"] == "completed"
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in records]
+
+    resumed = strip(read_jsonl(crashing.run_dir / "metrics.jsonl"))
+    assert resumed == strip(read_jsonl(config.run_dir / "metrics.jsonl")) and len(resumed) == 4
 
 
 def config_vocab(root):
@@ -176,7 +201,7 @@ def test_hf_model_loss_is_the_next_token_cross_entropy_of_its_logits(local_files
     assert model.config.vocab_size == 50 and next(model.parameters()).dtype == torch.float32
     idx, targets = torch.randint(50, (2, 8)), torch.randint(50, (2, 8))
     logits, loss = model(idx, targets)
-    log_probs = torch.log_softmax(logits.double(), dim=-1)  # by hand: mean of -log p(target)
+    log_probs = torch.log_softmax(logits.detach().double(), dim=-1)  # by hand: mean of -log p(target)
     expected = -log_probs.gather(-1, targets[..., None]).mean()
     assert logits.shape == (2, 8, 50) and abs(float(loss.detach()) - float(expected)) < 1e-5
     assert model(idx)[1] is None

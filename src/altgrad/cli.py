@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from altgrad.quantization.formats import FORMATS
+from altgrad.versions import version_line
 
 
 def _format_number(value: object) -> str:
@@ -33,6 +34,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from altgrad.training.config import load_config
     from altgrad.training.trainer import resume, train
 
+    if args.print_config:
+        print_config(args)
+        return 0
     if args.resume:
         run_dir = Path(args.resume)
         summary = resume(run_dir, overrides=args.set)
@@ -50,6 +54,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0 if summary["status"] == "completed" else 1
 
 
+def print_config(args: argparse.Namespace) -> None:
+    """``altgrad train --print-config``: the resolved config (defaults, recipe, overrides) as YAML."""
+    import yaml
+
+    from altgrad.training.config import load_config
+
+    if args.resume:
+        raise ValueError("--print-config is for a new run; a run's own config is its config.yaml")
+    print(yaml.safe_dump(load_config(args.config, overrides=args.set).to_dict(), sort_keys=False), end="")
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from altgrad.analysis import write_report
 
@@ -60,6 +75,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="altgrad", description=__doc__)
+    parser.add_argument("--version", action="version", version=version_line())
     commands = parser.add_subparsers(dest="command", required=True)
     formats = commands.add_parser("formats", help="print the table of registered number formats")
     formats.set_defaults(handler=_cmd_formats)
@@ -68,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="a run config YAML file")
     train.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a key")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    train.add_argument("--print-config", action="store_true", help="print the resolved config YAML and exit")
     train.set_defaults(handler=_cmd_train)
 
     report = commands.add_parser("report", help="write report.html/report.md for a run or a matrix folder")

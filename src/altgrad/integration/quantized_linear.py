@@ -13,7 +13,18 @@ Weight and activation quantization are straight-through (their gradients pass un
 Scales (``scaling=``): ``"delayed"`` (default; per tensor, the max of an amax history of the last
 ``amax_history`` steps, as in Transformer Engine), ``"current"`` (per tensor, this call's amax),
 ``"per_channel"`` (weights per output row, activations and gradients per tensor, current amax),
-``"mx"`` (blocks of 32 along the last axis sharing an E8M0 scale, OCP MX).
+``"rowwise"`` (every tensor one scale per row, i.e. over its last axis: weights per output row,
+activations per token, gradients per token, current amax; torchao's rowwise recipe for the
+forward GEMM, while its backward re-scales the weight per column and never reuses the forward's
+quantized weight as altgrad does), ``"mx"`` (blocks of 32 along the last axis sharing an E8M0
+scale, OCP MX; ``mx_scale_rounding`` floor, ceil = RCEIL, or even).
+``amax_compute_algo`` (delayed scaling): ``"max"`` over the history, or its ``"most_recent"``
+entry. ``power_of_two_scales`` rounds every non-MX scale up to a power of two.
+
+Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2's matmuls) is a Linear whose weight is
+stored transposed, ``(in, out)``; ``QuantizedLinear`` wraps it too, keeping that Parameter as it is
+and quantizing its ``(out, in)`` view, so per-channel and MX scales follow the output rows and the
+reduction axis exactly as for an nn.Linear. ``weight_scale()`` is returned in the stored layout.
 
 Each layer counts, per tensor kind, the elements that overflowed (|v / s| > max_finite), that
 underflowed (non-zero but quantized to zero) and that were not finite (before or after quantization),
@@ -31,6 +42,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -41,6 +53,8 @@ import torch.nn.functional as F
 from altgrad.quantization.formats import FloatFormat
 from altgrad.quantization.ops import quantize
 from altgrad.quantization.scaling import (
+    AMAX_COMPUTE_ALGOS,
+    MX_ROUNDINGS,
     AmaxHistory,
     compute_scale,
     mx_block_scale,
@@ -49,11 +63,21 @@ from altgrad.quantization.scaling import (
 )
 
 TENSOR_KINDS: tuple[str, ...] = ("weight", "activation", "grad")
-SCALING_MODES: tuple[str, ...] = ("delayed", "current", "per_channel", "mx")
+SCALING_MODES: tuple[str, ...] = ("delayed", "current", "per_channel", "rowwise", "mx")
 ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
 MX_BLOCK_SIZE = 32
 STAT_FIELDS: tuple[str, ...] = ("overflow", "underflow", "nonfinite", "total", "sum_sq_error", "sum_sq")
 """Columns of ``quant_stats``: element counts, then the sums of (Q(x) - x)^2 and x^2 over finite elements."""
+
+
+def hf_conv1d_type() -> type[nn.Module] | None:
+    """``transformers.pytorch_utils.Conv1D`` if transformers is loaded (a model cannot hold one otherwise)."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Linear`` or a transformers ``Conv1D`` (exact types, not subclasses)."""
+    return type(module) is nn.Linear or (type(module) is hf_conv1d_type() is not None)
 
 
 @dataclass(frozen=True)
@@ -67,12 +91,20 @@ class LayerQuantSpec:
     rounding: str = "nearest"
     amax_history: int = 16
     margin: int = 0
+    amax_compute_algo: str = "max"
+    power_of_two_scales: bool = False
+    mx_scale_rounding: str = "floor"
 
     def __post_init__(self) -> None:
-        if self.scaling not in SCALING_MODES:
-            raise ValueError(f"scaling: {self.scaling!r} is not one of {SCALING_MODES}")
-        if self.rounding not in ROUNDINGS:
-            raise ValueError(f"rounding: {self.rounding!r} is not one of {ROUNDINGS}")
+        choices = {
+            "scaling": SCALING_MODES,
+            "rounding": ROUNDINGS,
+            "amax_compute_algo": AMAX_COMPUTE_ALGOS,
+            "mx_scale_rounding": MX_ROUNDINGS,
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}: {getattr(self, key)!r} is not one of {allowed}")
 
     def format_of(self, kind: str) -> FloatFormat | None:
         return getattr(self, kind)
@@ -106,19 +138,23 @@ class _TensorQuantizer(nn.Module):
         fmt, spec = self.format, self.spec
         assert fmt is not None
         if spec.scaling == "mx":  # each element at its block's power-of-two scale
-            block_scale = mx_block_scale(x.detach(), fmt, MX_BLOCK_SIZE)
+            block_scale = mx_block_scale(x.detach(), fmt, MX_BLOCK_SIZE, rounding=spec.mx_scale_rounding)
             return block_scale.repeat_interleave(MX_BLOCK_SIZE, dim=-1)[..., : x.shape[-1]]
+        power_of_two = spec.power_of_two_scales
         if spec.scaling == "per_channel" and self.kind == "weight":
-            return per_channel_scale(x.detach(), fmt, axis=0, margin=spec.margin)
+            return per_channel_scale(x.detach(), fmt, axis=0, margin=spec.margin, power_of_two=power_of_two)
+        if spec.scaling == "rowwise":
+            amax = x.detach().abs().amax(dim=-1, keepdim=True)
+            return compute_scale(amax, fmt, margin=spec.margin, power_of_two=power_of_two)
         low, high = torch.aminmax(x.detach())  # one pass, no |x| temporary
         current_amax = torch.maximum(high, -low).float()
         amax = current_amax
         if spec.scaling == "delayed":
             if len(self.history) > 0:
-                amax = self.history.amax
+                amax = self.history.amax_by(spec.amax_compute_algo)
             if record:
                 self.history.update(current_amax)
-        return compute_scale(amax, fmt, margin=spec.margin)
+        return compute_scale(amax, fmt, margin=spec.margin, power_of_two=power_of_two)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fmt = self.format
@@ -127,7 +163,9 @@ class _TensorQuantizer(nn.Module):
         scale = None
         if self.spec.scaling == "mx" and self.kind != "weight":
             # activations and gradients: block scales broadcast inside mx_quantize, no full-size scale
-            quantized, _ = mx_quantize(x, fmt, MX_BLOCK_SIZE, elem_rounding=self.spec.rounding)
+            quantized, _ = mx_quantize(
+                x, fmt, MX_BLOCK_SIZE, rounding=self.spec.mx_scale_rounding, elem_rounding=self.spec.rounding
+            )
             quantized = x + (quantized - x).detach()  # straight-through
         else:
             scale = self.last_scale = self.scale_for(x, record=self.training)
@@ -176,11 +214,17 @@ class _QuantizeGradient(torch.autograd.Function):
 
 
 class QuantizedLinear(nn.Module):
-    """A drop-in for ``nn.Linear`` that shares the original's Parameters (tied weights stay tied)."""
+    """A drop-in for ``nn.Linear`` (or transformers' ``Conv1D``) that shares the original's Parameters
+    (tied weights stay tied)."""
 
-    def __init__(self, linear: nn.Linear, spec: LayerQuantSpec) -> None:
+    def __init__(self, linear: nn.Module, spec: LayerQuantSpec) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        conv1d = hf_conv1d_type()
+        if not isinstance(linear, nn.Linear) and not (conv1d is not None and isinstance(linear, conv1d)):
+            raise ValueError(f"linear: expected nn.Linear or a transformers Conv1D, got {type(linear)}")
+        self.transposed = not isinstance(linear, nn.Linear)  # Conv1D stores the weight as (in, out)
+        out_in = linear.weight.shape[::-1] if self.transposed else linear.weight.shape
+        self.out_features, self.in_features = out_in
         self.weight = linear.weight
         self.bias = linear.bias
         self.spec = spec
@@ -192,9 +236,15 @@ class QuantizedLinear(nn.Module):
             {kind: _TensorQuantizer(spec, kind, self.quant_stats, i) for i, kind in enumerate(TENSOR_KINDS)}
         )
 
-    def to_linear(self) -> nn.Linear:
-        """A plain nn.Linear holding the same Parameters."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+    def to_linear(self) -> nn.Module:
+        """The plain module it replaced (nn.Linear, or Conv1D when transposed) holding the same Parameters."""
+        if self.transposed:
+            conv1d = hf_conv1d_type()
+            assert conv1d is not None, "a transposed QuantizedLinear was built from transformers' Conv1D"
+            with torch.device("meta"):
+                linear = conv1d(self.out_features, self.in_features)
+        else:
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight = self.weight
         linear.bias = self.bias
         return linear
@@ -205,14 +255,20 @@ class QuantizedLinear(nn.Module):
     def weight_format(self) -> FloatFormat | None:
         return self.spec.weight
 
+    def weight_out_in(self) -> torch.Tensor:
+        """The weight as an ``(out, in)`` matrix: the Parameter itself, or a transposed view of a Conv1D's."""
+        return self.weight.t() if self.transposed else self.weight
+
     def weight_scale(self) -> torch.Tensor:
-        """The weight scale of the last forward (computed now if there was none), broadcastable to W."""
+        """The weight scale of the last forward (computed now if there was none), broadcastable to the
+        weight Parameter as stored (``(in, out)`` for a Conv1D)."""
         quantizer = self.quantizers["weight"]
-        if quantizer.last_scale is not None:
-            return quantizer.last_scale
-        if self.spec.weight is None:
-            return torch.ones((), device=self.weight.device)
-        return quantizer.scale_for(self.weight)
+        scale = quantizer.last_scale
+        if scale is None:
+            if self.spec.weight is None:
+                return torch.ones((), device=self.weight.device)
+            scale = quantizer.scale_for(self.weight_out_in())
+        return scale.t() if self.transposed and scale.dim() == 2 else scale
 
     def set_format(self, kind: str, fmt: FloatFormat | None) -> None:
         """Switch one tensor kind to another format (an emergency format shift); the amax history stays."""
@@ -242,8 +298,8 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.full_precision:
-            return F.linear(x, self.weight, self.bias)
-        weight = self.quantizers["weight"](self.weight)
+            return F.linear(x, self.weight_out_in(), self.bias)
+        weight = self.quantizers["weight"](self.weight_out_in())
         activation = self.quantizers["activation"](x)
         out = F.linear(activation, weight, self.bias)
         if self.spec.grad is not None and out.requires_grad:
@@ -255,7 +311,8 @@ class QuantizedLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, "
-            f"weight={names['weight']}, activation={names['activation']}, grad={names['grad']}, "
+            + ("transposed=True, " if self.transposed else "")
+            + f"weight={names['weight']}, activation={names['activation']}, grad={names['grad']}, "
             f"scaling={self.spec.scaling}"
         )
 

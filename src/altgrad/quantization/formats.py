@@ -313,18 +313,33 @@ def _parse_custom(spec: str) -> FloatFormat:
         raise ValueError(f"format spec {spec!r}: {error}; known formats: {', '.join(FORMATS)}") from None
 
 
-def get_format(name: str | FloatFormat) -> FloatFormat:
+TORCH_DTYPE_FORMATS: dict[torch.dtype, FloatFormat] = {
+    getattr(torch, fmt.name): fmt
+    for fmt in (FLOAT8_E4M3FN, FLOAT8_E5M2, FLOAT8_E4M3FNUZ, FLOAT8_E5M2FNUZ, FLOAT8_E8M0FNU)
+    + (FLOAT16, BFLOAT16)
+    if hasattr(torch, fmt.name)
+}
+"""The torch dtypes with an altgrad format of the same name (the fnuz and e8m0 ones if torch has them)."""
+
+
+def get_format(name: str | FloatFormat | torch.dtype) -> FloatFormat:
     """Look a format up by name, case-insensitively, or build one from a spec like ``"e3m4:bias=1"``.
 
     Spec options: ``bias`` (default 2^(E-1) - 1), ``specials`` (default none), ``subnormals``,
-    ``signed``. A ``FloatFormat`` passes through unchanged.
+    ``signed``. A ``FloatFormat`` passes through unchanged; a torch dtype (``torch.float8_e4m3fn``,
+    ``torch.bfloat16``, ...) or its name with the ``torch.`` prefix gives the format of that name.
     """
     if isinstance(name, FloatFormat):
         return name
+    if isinstance(name, torch.dtype):
+        if name not in TORCH_DTYPE_FORMATS:
+            known = ", ".join(str(dtype) for dtype in TORCH_DTYPE_FORMATS)
+            raise ValueError(f"format: {name} has no altgrad format (full precision is 'none'); has: {known}")
+        return TORCH_DTYPE_FORMATS[name]
     if not isinstance(name, str):
-        raise ValueError(f"format: expected a name or FloatFormat, got {type(name).__name__}")
+        raise ValueError(f"format: expected a name, FloatFormat or torch dtype, got {type(name).__name__}")
     by_lower = {key.lower(): fmt for key, fmt in FORMATS.items()}
-    found = by_lower.get(name.strip().lower())
+    found = by_lower.get(name.strip().lower().removeprefix("torch."))
     if found is not None:
         return found
     if _CUSTOM_SPEC.match(name.strip()):

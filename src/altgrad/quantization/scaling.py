@@ -5,18 +5,22 @@ that maps a tensor's largest magnitude ``amax`` onto the format's largest value 
 ``amax / max_finite``.
 
 * ``AmaxHistory``: Transformer Engine's delayed scaling. Each step pushes the current amax (a 0-dim
-  tensor, no host sync); the scale for the next step comes from the max over the last ``length``.
+  tensor, no host sync); the scale for the next step comes from the max over the last ``length``
+  (TE's ``amax_compute_algo="max"``) or from the latest entry alone (``"most_recent"``):
+  ``history.amax_by(algo)``.
 * ``compute_scale(amax, fmt, margin)``: ``amax * 2^margin / max_finite``, so that amax lands on
   ``max_finite / 2^margin`` (``margin`` bits of headroom); 1 where amax is zero or not finite.
 * ``per_channel_scale(x, fmt, axis)``: one ``compute_scale`` per slice along ``axis``, shaped to
-  broadcast against x.
+  broadcast against x. ``power_of_two=True`` on either rounds each scale up to a power of two
+  (torchao's ``round_scales_to_power_of_2``; the scaled amax then lands in (max/2, max]).
 * ``mx_block_scale`` / ``mx_quantize``: OCP Microscaling (MX v1.0). Blocks of ``block_size``
   consecutive elements along the last axis share a power-of-two scale ``X`` (a float8_e8m0fnu
   value, 2^-127 .. 2^127). With ``emax`` the exponent of the element format's largest value:
 
   - ``"floor"`` (the OCP rule): ``X = 2^(floor(log2(amax)) - emax)``. The block's largest element
     lands in [2^emax, 2^(emax + 1)), so it can exceed max_finite and saturate (E4M3: 448..512).
-  - ``"ceil"``: the smallest power of two with ``amax / X <= max_finite``: never saturates.
+  - ``"ceil"``: the smallest power of two with ``amax / X <= max_finite``: never saturates. This is
+    NVIDIA's and torchao's RCEIL (``X = 2^ceil(log2(amax / max_finite))``).
   - ``"even"``: ``X = 2^round(log2(amax / max_finite))``, the nearest power of two.
 
   An all-zero block gets 2^-127; a block holding NaN or +-inf gets NaN (E8M0's NaN), and all its
@@ -50,6 +54,7 @@ from .ops import ROUNDING_MODES, quantize
 
 MXRounding = Literal["floor", "ceil", "even"]
 MX_ROUNDINGS: tuple[str, ...] = ("floor", "ceil", "even")
+AMAX_COMPUTE_ALGOS: tuple[str, ...] = ("max", "most_recent")
 E8M0_MIN_EXPONENT, E8M0_MAX_EXPONENT = -127, 127
 
 
@@ -90,6 +95,17 @@ class AmaxHistory:
     def amax(self) -> torch.Tensor:
         """Max over the history: a 0-dim float32 tensor on the history's device (0 before any update)."""
         return self._history.amax()
+
+    @property
+    def most_recent(self) -> torch.Tensor:
+        """The latest amax pushed: a 0-dim float32 tensor (0 before any update)."""
+        return self._history[(self._position - 1) % self.length]
+
+    def amax_by(self, algo: str) -> torch.Tensor:
+        """``amax`` for ``"max"``, ``most_recent`` for ``"most_recent"`` (Transformer Engine's algos)."""
+        if algo not in AMAX_COMPUTE_ALGOS:
+            raise ValueError(f"amax_compute_algo: {algo!r} is not one of {AMAX_COMPUTE_ALGOS}")
+        return self.amax if algo == "max" else self.most_recent
 
     def __len__(self) -> int:
         return self._count
@@ -181,7 +197,7 @@ def compute_scale(
 
 
 def per_channel_scale(
-    x: torch.Tensor, format: str | FloatFormat, axis: int = 0, margin: float = 0
+    x: torch.Tensor, format: str | FloatFormat, axis: int = 0, margin: float = 0, power_of_two: bool = False
 ) -> torch.Tensor:
     """One scale per slice of ``x`` along ``axis`` (amax over every other axis), broadcastable to x.
 
@@ -196,7 +212,7 @@ def per_channel_scale(
     axis %= x.dim()
     others = [d for d in range(x.dim()) if d != axis]
     amax = x.detach().abs().amax(dim=others, keepdim=True) if others else x.detach().abs()
-    return compute_scale(amax, format, margin)
+    return compute_scale(amax, format, margin, power_of_two)
 
 
 # ---- MX block scaling -----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from altgrad.integration.recipes import expand_recipe
 from altgrad.quantization.formats import FORMATS, get_format
 
 
@@ -43,6 +44,11 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
+    """``source: hf`` (with ``hf_config``) and ``factory`` build other models: see training/models.py."""
+
+    source: Literal["altgrad", "hf"] = "altgrad"
+    hf_config: str | None = None
+    factory: str | None = None
     n_layer: int = Field(4, ge=1)
     n_head: int = Field(4, ge=1)
     n_embd: int = Field(128, ge=1)
@@ -54,14 +60,19 @@ class ModelConfig(_Section):
     def _heads_divide_width(self) -> ModelConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.source == "hf" and self.hf_config is None:
+            raise ValueError("source 'hf' needs hf_config, a local config.json (or the folder holding it)")
+        if self.source == "hf" and self.factory is not None:
+            raise ValueError("give either source 'hf' (with hf_config) or factory, not both")
         return self
 
 
 class DataConfig(_Section):
     source: Literal["shakespeare", "text", "hf"] = "shakespeare"
-    tokenizer: Literal["char", "byte", "bpe"] = "char"
+    tokenizer: Literal["char", "byte", "bpe", "hf"] = "char"
     path: str | None = None
     bpe_path: str | None = None
+    hf_tokenizer: str | None = None
     hf_name: str | None = None
     hf_config: str | None = None
     hf_split: str = "train"
@@ -131,15 +142,26 @@ class QuantRuleConfig(_Section):
 
 
 class QuantConfig(_Section):
+    """``recipe`` fills in the keys of a named preset the user did not give (integration/recipes.py)."""
+
     enabled: bool = True
+    recipe: str | None = None
     weight: str | None = "E4M3"
     activation: str | None = "E4M3"
     grad: str | None = "E5M2"
-    scaling: Literal["delayed", "current", "per_channel", "mx"] = "delayed"
+    scaling: Literal["delayed", "current", "per_channel", "rowwise", "mx"] = "delayed"
     rounding: Literal["nearest", "stochastic"] = "nearest"
     amax_history: int = Field(16, ge=1)
+    amax_compute_algo: Literal["max", "most_recent"] = "max"
     margin: int = Field(0, ge=0)
+    power_of_two_scales: bool = False
+    mx_scale_rounding: Literal["floor", "ceil", "even"] = "floor"
     rules: list[QuantRuleConfig] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_recipe(cls, data: Any) -> Any:
+        return expand_recipe(data) if isinstance(data, dict) else data
 
     @field_validator("weight", "activation", "grad")
     @classmethod

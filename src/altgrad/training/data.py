@@ -6,7 +6,7 @@ data section straight through (``load_data(**config.data.model_dump())``)::
     load_data(
         *,
         source: str = "shakespeare",     # "shakespeare" | "text" | "hf"
-        tokenizer: str = "char",         # "char" | "byte" | "bpe"
+        tokenizer: str = "char",         # "char" | "byte" | "bpe" | "hf"
         path: str | Path | None = None,  # text: a .txt file or a folder of them (read recursively,
                                          #       sorted by path); hf: a datasets.save_to_disk folder
         hf_name: str | None = None,      # hf: dataset name on the Hub, e.g. "NLP-AUEB/eurlex", "wikitext"
@@ -15,6 +15,7 @@ data section straight through (``load_data(**config.data.model_dump())``)::
         text_field: str = "text",        # hf: the column holding the text
         val_fraction: float = 0.1,       # the last this-much of the tokens is the validation split
         bpe_path: str | Path | None = None,  # bpe: a local GPT-2 ``gpt2.tiktoken`` file (never downloaded)
+        hf_tokenizer: str | Path | None = None,  # hf: a local Hugging Face tokenizer folder
     ) -> TextDataset
 
 Sources:
@@ -31,6 +32,9 @@ from a checkpoint with ``tokenizer_from_state``):
   shakespeare_char). Encoding a character outside that set is an error.
 * ``byte``: the 256 byte values of the UTF-8 encoding.
 * ``bpe``: GPT-2's byte-pair encoding from a local ``gpt2.tiktoken`` file. Needs the ``bpe`` extra.
+* ``hf``: a Hugging Face tokenizer from a local folder (``hf_tokenizer``, as written by
+  ``save_pretrained``; never downloaded), through ``AutoTokenizer``; no special tokens are added,
+  the vocabulary size counts the added tokens. Needs the ``hf`` extra.
 
 Batches: ``BatchSampler`` draws random windows of ``block_size + 1`` tokens, ``x`` the first
 ``block_size`` and ``y`` the same shifted by one. Train and val draw from their own seeded
@@ -61,7 +65,7 @@ from typing import Any, Protocol
 import torch
 
 SOURCES: tuple[str, ...] = ("shakespeare", "text", "hf")
-TOKENIZERS: tuple[str, ...] = ("char", "byte", "bpe")
+TOKENIZERS: tuple[str, ...] = ("char", "byte", "bpe", "hf")
 SPLITS: tuple[str, ...] = ("train", "val")
 
 # GPT-2's pre-tokenization pattern and end-of-text token, as in tiktoken's "gpt2" encoding.
@@ -184,8 +188,37 @@ class TiktokenBPE:
         return {"name": self.name, "path": str(self.path)}
 
 
-def build_tokenizer(name: str, text: str, bpe_path: str | Path | None = None) -> Tokenizer:
-    """The tokenizer called ``name``; ``text`` defines the char alphabet, ``bpe_path`` the BPE ranks."""
+class HFTokenizer:
+    """A Hugging Face tokenizer loaded from a local folder (``AutoTokenizer``, no network)."""
+
+    name = "hf"
+
+    def __init__(self, path: str | Path) -> None:
+        try:
+            from transformers import AutoTokenizer
+        except ImportError as e:
+            raise ImportError("tokenizer 'hf' needs transformers: pip install 'altgrad[hf]'") from e
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"hf_tokenizer {str(path)!r} is not a folder written by save_pretrained")
+        self._tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        self.vocab_size = len(self._tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False, verbose=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids)
+
+    def state(self) -> dict[str, Any]:
+        return {"name": self.name, "path": str(self.path), "vocab_size": self.vocab_size}
+
+
+def build_tokenizer(
+    name: str, text: str, bpe_path: str | Path | None = None, hf_tokenizer: str | Path | None = None
+) -> Tokenizer:
+    """The tokenizer called ``name``; ``text`` defines the char alphabet, ``bpe_path`` the BPE ranks,
+    ``hf_tokenizer`` the folder of a Hugging Face tokenizer."""
     if name == "char":
         return CharTokenizer.from_text(text)
     if name == "byte":
@@ -194,6 +227,10 @@ def build_tokenizer(name: str, text: str, bpe_path: str | Path | None = None) ->
         if bpe_path is None:
             raise ValueError("tokenizer 'bpe' needs bpe_path, a local gpt2.tiktoken file")
         return TiktokenBPE(bpe_path)
+    if name == "hf":
+        if hf_tokenizer is None:
+            raise ValueError("tokenizer 'hf' needs hf_tokenizer, a local Hugging Face tokenizer folder")
+        return HFTokenizer(hf_tokenizer)
     raise ValueError(f"unknown tokenizer {name!r}; choose one of {TOKENIZERS}")
 
 
@@ -206,6 +243,8 @@ def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
         return ByteTokenizer()
     if name == "bpe":
         return TiktokenBPE(state["path"])
+    if name == "hf":
+        return HFTokenizer(state["path"])
     raise ValueError(f"unknown tokenizer {name!r} in saved state; choose one of {TOKENIZERS}")
 
 
@@ -331,6 +370,7 @@ def load_data(
     text_field: str = "text",
     val_fraction: float = 0.1,
     bpe_path: str | Path | None = None,
+    hf_tokenizer: str | Path | None = None,
 ) -> TextDataset:
     """Read a source, tokenize it, and split off the last ``val_fraction`` of tokens for validation.
 
@@ -347,7 +387,7 @@ def load_data(
     )
     if not text:
         raise ValueError(f"source {source!r} gave no text")
-    tok = build_tokenizer(tokenizer, text, bpe_path)
+    tok = build_tokenizer(tokenizer, text, bpe_path, hf_tokenizer)
     ids = torch.tensor(tok.encode(text), dtype=torch.int32)
     n_train = len(ids) - int(len(ids) * val_fraction)
     return TextDataset(train=ids[:n_train], val=ids[n_train:], tokenizer=tok)

@@ -44,13 +44,14 @@ from altgrad.quantization.flip_metrics import WeightFlipTracker
 from altgrad.quantization.formats import get_format
 from altgrad.quantization.rank_health import RankHealthMonitor
 from altgrad.quantization.stability import FormatShiftController, PartitionRelativeClipper
+from altgrad.versions import run_versions
 
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, apply_overrides, config_from_dict, save_config
 from .data import BatchSampler, load_data
 from .loggers import MetricsLogger
 from .metrics import compute_gradient_stats, rank_stats
-from .model import GPT, GPTConfig
+from .models import build_model
 from .optimizer import build_optimizer
 from .optimizer_diagnostics import optimizer_statistics
 from .quant_metrics import quant_stats_record
@@ -77,6 +78,9 @@ def _quant_plan(config: RunConfig) -> QuantPlan:
         rounding=quant.rounding,
         amax_history=quant.amax_history,
         margin=quant.margin,
+        amax_compute_algo=quant.amax_compute_algo,
+        power_of_two_scales=quant.power_of_two_scales,
+        mx_scale_rounding=quant.mx_scale_rounding,
     )
 
 
@@ -94,16 +98,7 @@ class Trainer:
         self.sampler = BatchSampler(
             self.data, config.train.batch_size, config.model.block_size, seed=config.seed, device=self.device
         )
-        model_config = GPTConfig(
-            block_size=config.model.block_size,
-            vocab_size=self.data.tokenizer.vocab_size,
-            n_layer=config.model.n_layer,
-            n_head=config.model.n_head,
-            n_embd=config.model.n_embd,
-            dropout=config.model.dropout,
-            bias=config.model.bias,
-        )
-        self.model = GPT(model_config).to(self.device)
+        self.model = build_model(config, self.data.tokenizer.vocab_size).to(self.device)
         self.startup_warnings: list[str] = []
         if config.quant.enabled:
             surgery = quantize_model(self.model, _quant_plan(config))
@@ -550,6 +545,7 @@ class Trainer:
             "format_shifts": self.shift_events,
             "partition_clip_steps": self.clipper.summary() if self.clipper else None,
             "wall_time_s": wall_time,
+            "versions": run_versions(),
         }
 
 

@@ -130,6 +130,18 @@ def test_crossing_probability_by_hand_and_at_a_binade_edge() -> None:
         crossing_probability(torch.ones(2), torch.ones(3), E5M2)
 
 
+@pytest.mark.parametrize("fmt", EIGHT_BIT, ids=lambda f: f.name)
+def test_crossing_probability_uses_the_spacing_in_the_direction_of_motion(fmt) -> None:
+    """Against grid_spacing (checked against the decoded value table) one float32 step towards w + dw."""
+    grid = _finite_grid(fmt)
+    w = torch.cat([grid, grid * 1.3, grid / 3, torch.tensor([0.0, -0.0])]).float()
+    w = w[torch.isfinite(w)].repeat(2)
+    half = len(w) // 2
+    dw = torch.cat([torch.full((half,), 1e-3), torch.full((half,), -1e-3)]) * w.abs().clamp(min=1)
+    reference = (dw.abs() / grid_spacing(torch.nextafter(w, w + dw), fmt)).clamp(max=1.0)
+    torch.testing.assert_close(crossing_probability(w, dw, fmt), reference, rtol=1e-6, atol=0)
+
+
 def test_predicted_stall_matches_a_monte_carlo_count() -> None:
     """Off-grid weights uniform in [1.25, 1.75) (one E4M3 binade, spacing 0.125), updates of up to 1.5
     ulp: the fraction whose rounded value (ml_dtypes float8_e4m3fn) is unchanged is 1 - mean P(cross)."""

@@ -80,16 +80,28 @@ def grid_spacing(x: torch.Tensor, format: FormatLike, scale: ScaleLike = 1.0) ->
 def _update_in_ulps(
     weight: torch.Tensor, update: torch.Tensor, format: FormatLike, scale: ScaleLike
 ) -> torch.Tensor:
-    """``|dw| / ulp`` with the ulp at ``weight`` in the direction of ``update`` (see crossing_probability)."""
+    """``|dw| / ulp`` with the ulp at ``weight`` in the direction of ``update`` (see crossing_probability).
+
+    The binade comes from the float32 exponent field (frexp and nextafter are 10x slower on CPU): a
+    weight exactly at a power of two moving towards zero takes the binade below.
+    """
+    fmt = get_format(format)
     if weight.shape != update.shape:
         raise ValueError(f"update: shape {tuple(update.shape)} differs from weight {tuple(weight.shape)}")
     _check_scale(scale)
-    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    w, dw = weight.detach().to(dtype), update.detach().to(dtype)
-    s = scale.to(dtype) if isinstance(scale, torch.Tensor) else float(scale)
-    y = w / s
-    towards = torch.nextafter(y, y + dw)  # one float step in the direction of motion picks the binade
-    return dw.abs() / (grid_spacing(towards, format) * s)
+    dw = update.detach().float()
+    s = scale.float() if isinstance(scale, torch.Tensor) else float(scale)
+    y = weight.detach().float() / s
+    bits = y.view(torch.int32)
+    exponent = ((bits >> 23) & 0xFF) - 127  # floor(log2|y|) for normal y; zero and subnormals clamp below
+    at_power_of_two = (bits & 0x7FFFFF) == 0
+    exponent -= (at_power_of_two & (y * dw < 0)).to(torch.int32)
+    if fmt.exponent_bits == 0:  # one uniform spacing
+        exponent = torch.full_like(exponent, fmt.emin)
+    else:
+        exponent = exponent.clamp_(fmt.emin, fmt.emax)
+    spacing = torch.exp2(exponent.sub_(fmt.mantissa_bits).float())
+    return dw.abs() / spacing.mul_(s)
 
 
 def crossing_probability(
@@ -99,28 +111,29 @@ def crossing_probability(
 
     ``ulp`` is the grid spacing at ``weight`` in the direction of ``update`` (a weight at a power of two
     moving down sees the finer spacing below it). Assumes the weight's position within its grid cell
-    is uniform (an fp32 master copy); float32 (float64 for float64 input), no host sync.
+    is uniform (an fp32 master copy); float32, no host sync.
     """
     return _update_in_ulps(weight, update, format, scale).clamp_(max=1.0)
 
 
-def grid_position(codes: torch.Tensor, format: FormatLike) -> torch.Tensor:
+def grid_position(codes: torch.Tensor, format: FormatLike, dtype: torch.dtype = torch.int32) -> torch.Tensor:
     """The signed index of each code's value on the format's value line (+0 and -0 are both 0).
 
     Sign-magnitude codes are ordered by magnitude within a sign, so ``position = +-(code & magnitude
     bits)``; the difference of two positions is the number of grid steps between the values (inf, where
-    the format has it, sits one step above max_finite; NaN codes have no meaningful position). int32.
+    the format has it, sits one step above max_finite; NaN codes have no meaningful position). ``dtype``
+    (int32 by default; int16 holds differences of <= 8-bit formats) is the result's integer type.
     """
     fmt = get_format(format)
     if codes.is_floating_point():
         raise ValueError(f"codes: expected an integer tensor, got {codes.dtype}")
     magnitude_bits = fmt.exponent_bits + fmt.mantissa_bits
-    codes = codes.to(torch.int32)
+    codes = codes.to(dtype, copy=True)
     magnitude = codes & ((1 << magnitude_bits) - 1)
     if not fmt.signed:
         return magnitude
-    negative = (codes >> magnitude_bits) & 1
-    return torch.where(negative.bool(), -magnitude, magnitude)
+    sign = codes.bitwise_right_shift_(magnitude_bits).bitwise_and_(1)  # in place: small-int ops are fast
+    return sign.mul_(-2).add_(1).mul_(magnitude)
 
 
 HISTOGRAM_EDGES: tuple[int, ...] = (0, 1, 2, 4, 8, 16)

@@ -240,7 +240,9 @@ class WeightFlipTracker:
         after = _encode(weight, fmt, scale)
         changed = after != before.codes
         flips = torch.count_nonzero(changed)
-        moved = (grid_position(after, fmt) - grid_position(before.codes, fmt)).abs().sum(dtype=torch.int64)
+        small = torch.int16 if fmt.total_bits <= 8 else torch.int32  # holds a difference of positions
+        moved = grid_position(after, fmt, small).sub_(grid_position(before.codes, fmt, small))
+        moved = moved.abs_().sum(dtype=torch.int64)
         zero = flips.new_zeros(())
         if updated is None:
             step_counts = torch.stack([flips, zero, zero, zero, moved])

@@ -5,8 +5,8 @@ Model: the nanoGPT Shakespeare shape, 6 layers x 384 wide (c_attn 384x1152, c_pr
 parameters, batch 8 x 256 tokens.
 
 1. Flip tracking. Each timed step is fp32 forward + backward + AdamW, with ``snapshot_pre_step`` on
-   every 2+-dim weight before ``optimizer.step()`` and ``record_post_step`` after (E4M3, encode once
-   per step: the snapshot reuses the previous post-step codes). The tracker's calls and the step are
+   every 2+-dim weight before ``optimizer.step()`` and ``record_post_step`` after (E4M3, both codes
+   encoded every step: nothing is inferred from the version counter). The tracker's calls and the step are
    timed separately within the same steps: ``tracker / step`` (target <= 10%). Also, interleaved,
    whole steps with ``attach_flip_tracker`` hooks vs plain steps, and one ``pop_step_metrics()`` read.
 2. Rank health. ``RankHealthMonitor.compute_layer_ranks`` (batched float64 Gram eigenvalues; and its

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import ml_dtypes
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -89,18 +91,30 @@ def test_signed_zero_change_is_not_a_flip() -> None:
     assert _step(tracker, "fc", w, torch.tensor([-1e-30, 1e-30])) == 0
 
 
-def test_update_counts_start_at_first_snapshot_with_grad() -> None:
+def test_update_counts_start_at_first_step_with_grad() -> None:
     tracker = WeightFlipTracker()
     w = torch.ones(4)
     tracker.snapshot_pre_step("fc", w, E5M2, 1.0)
-    assert tracker.update_counts == {}
     tracker.compute_flips_post_step("fc", w, E5M2, 1.0)
+    assert tracker.update_counts == {}
     tracker.snapshot_pre_step("fc", w, E5M2, 1.0, grad=torch.zeros(4))
+    tracker.compute_flips_post_step("fc", w, E5M2, 1.0)
     assert tracker.update_counts == {"fc": 0}
     assert tracker.get_update_counts() == {"fc": 0}
-    tracker.compute_flips_post_step("fc", w, E5M2, 1.0)
     tracker.snapshot_pre_step("fc", w, E5M2, 1.0, grad=torch.tensor([1.0, 1e-11, -1e-3, 0.0]))
-    assert tracker.update_counts == {"fc": 2}  # counted at the snapshot, cumulative
+    tracker.compute_flips_post_step("fc", w, E5M2, 1.0)
+    assert tracker.update_counts == {"fc": 2}  # counted at the post-step call, cumulative
+
+
+def test_a_grad_at_the_post_step_call_decides_the_updates() -> None:
+    tracker = WeightFlipTracker()
+    w = torch.ones(4)
+    tracker.snapshot_pre_step("fc", w, E5M2, 1.0, grad=torch.ones(4))
+    with torch.no_grad():
+        w.copy_(torch.tensor([2.0, 2.0, 1.0, 1.0]))
+    tracker.record_post_step("fc", w, E5M2, 1.0, grad=torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    assert tracker.update_counts == {"fc": 2}
+    assert tracker.get_drift_flip_counts() == {"fc": 1} and tracker.get_stall_ratios() == {"fc": 0.5}
 
 
 def test_stall_ratio_counts_flips_among_updated_and_drift_apart() -> None:
@@ -182,7 +196,7 @@ def test_format_change_and_grad_shape_are_rejected() -> None:
         tracker.snapshot_pre_step("fc", w, "E9M9X", 1.0)
 
 
-# ---- encode once per step, state size -----------------------------------------------------------------
+# ---- encoding every step, state size --------------------------------------------------------------------
 
 
 def _count_encodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -197,7 +211,7 @@ def _count_encodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-def test_post_step_codes_are_reused_by_the_next_snapshot(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_both_codes_are_encoded_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _count_encodes(monkeypatch)
     tracker = WeightFlipTracker()
     w = nn.Parameter(torch.randn(16, 8))
@@ -207,58 +221,50 @@ def test_post_step_codes_are_reused_by_the_next_snapshot(monkeypatch: pytest.Mon
         tracker.snapshot_pre_step("fc", w, E5M2, 1.0, grad=w.grad)
         optimizer.step()
         tracker.record_post_step("fc", w, E5M2, 1.0)
-    assert len(calls) == 1 + 4  # the first snapshot, then one per step
+    assert len(calls) == 2 * 4  # nothing is inferred from earlier steps
 
 
-def test_changes_between_steps_are_noticed(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = _count_encodes(monkeypatch)
+def test_a_write_that_keeps_the_version_counter_is_seen() -> None:
     tracker = WeightFlipTracker()
-    w = torch.ones(4)
-    scale = torch.tensor(1.0)
-    tracker.snapshot_pre_step("fc", w, E5M2, scale)
-    tracker.record_post_step("fc", w, E5M2, scale)  # unchanged: no encode
-    assert len(calls) == 1
-    with torch.no_grad():
-        w.mul_(4.0)  # in place outside the optimizer: a new version
-    tracker.snapshot_pre_step("fc", w, E5M2, scale)
-    tracker.record_post_step("fc", w, E5M2, scale)
-    assert len(calls) == 2
-    scale.fill_(2.0)  # the quantizer updates its scale in place
-    tracker.snapshot_pre_step("fc", w, E5M2, scale)
-    tracker.record_post_step("fc", w, E5M2, scale)
-    assert len(calls) == 3
-    tracker.snapshot_pre_step("fc", w.clone(), E5M2, scale)  # another tensor object
-    assert len(calls) == 4
-    tracker.record_post_step("fc", w, E5M2, scale)
-    tracker.invalidate("fc")
-    tracker.snapshot_pre_step("fc", w, E5M2, scale)
-    assert len(calls) == 6
+    w = nn.Parameter(torch.ones(4))
+    for new in (torch.tensor([2.0, 1.0, 1.0, 1.0]), torch.tensor([2.0, 4.0, 1.0, 1.0])):
+        version = w._version
+        tracker.snapshot_pre_step("fc", w, E5M2, 1.0)
+        w.data.copy_(new)  # through .data: the version counter does not move (as in fused kernels)
+        assert w._version == version
+        tracker.record_post_step("fc", w, E5M2, 1.0)
+    assert tracker.get_flip_counts() == {"fc": 2}
 
 
-def test_inference_tensors_are_encoded_each_time(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_inference_tensors_are_tracked(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _count_encodes(monkeypatch)
     tracker = WeightFlipTracker()
     with torch.inference_mode():
-        w = torch.ones(4)  # no version counter: never reused
+        w = torch.ones(4)  # no version counter
         tracker.snapshot_pre_step("fc", w, E5M2, 1.0)
         w[0] = 2.0
         assert tracker.compute_flips_post_step("fc", w, E5M2, 1.0) == 1
     assert len(calls) == 2
 
 
-def test_state_is_one_byte_per_element_for_8_bit_formats() -> None:
+def test_state_is_held_only_during_a_step_one_byte_per_element() -> None:
     tracker = WeightFlipTracker()
     w = torch.randn(32, 16)
     tracker.snapshot_pre_step("fc", w, E4M3, 1.0, grad=torch.randn_like(w))
     assert tracker.state_bytes() == 2 * w.numel()  # codes + the updated-mask, until the post-step
+    assert tracker._layers["fc"].snapshot.codes.dtype == torch.uint8
     tracker.record_post_step("fc", w, E4M3, 1.0)
+    assert tracker.state_bytes() == 0
+    tracker.snapshot_pre_step("fc", w, E4M3, 1.0)  # the hooks' way: the grad comes at the post-step
     assert tracker.state_bytes() == w.numel()
-    assert tracker._layers["fc"].latest.codes.dtype == torch.uint8
     tracker.snapshot_pre_step("wide", torch.randn(10), FLOAT16, 1.0)
     assert tracker.state_bytes() == w.numel() + 4 * 10  # formats above 8 bits: int32 codes
+    predicting = WeightFlipTracker(predict_stall=True)
+    predicting.snapshot_pre_step("fc", w, E4M3, 1.0)
+    assert predicting.state_bytes() == (1 + 4) * w.numel()  # + the float copy for dw
 
 
-def test_second_snapshot_replaces_the_first() -> None:
+def test_second_snapshot_replaces_the_first_and_invalidate_drops_it() -> None:
     tracker = WeightFlipTracker()
     w = torch.ones(4)
     tracker.snapshot_pre_step("fc", w, E5M2, 1.0, grad=torch.ones(4))  # e.g. a step skipped after this
@@ -266,6 +272,11 @@ def test_second_snapshot_replaces_the_first() -> None:
     tracker.record_post_step("fc", w, E5M2, 1.0)
     assert tracker.update_counts == {"fc": 1}
     assert tracker.pop_step_counts()["fc"]["updates"] == 1
+    tracker.snapshot_pre_step("fc", w, E5M2, 1.0, grad=torch.ones(4))
+    tracker.invalidate("fc")
+    assert tracker.update_counts == {"fc": 1} and tracker.state_bytes() == 0
+    with pytest.raises(ValueError, match="no snapshot"):
+        tracker.record_post_step("fc", w, E5M2, 1.0)
 
 
 # ---- intervals, metrics, reset, state_dict -------------------------------------------------------------
@@ -278,8 +289,8 @@ def test_pop_step_counts_reads_an_interval_and_keeps_totals() -> None:
     _step(tracker, "fc", w, torch.tensor([4.0, 2.0, 1.0, 1.0]), grad=torch.ones(4))
     counts = tracker.pop_step_counts()
     assert counts["fc"] == {
-        "flips": 3, "updated_flips": 3, "drift_flips": 0, "updates": 8, "steps": 2, "element_steps": 8,
-        "stall_ratio": 1 - 3 / 8, "flip_rate": 3 / 8,
+        "flips": 3, "updated_flips": 3, "drift_flips": 0, "updates": 8, "grid_steps": 4 + 4 + 4,
+        "steps": 2, "element_steps": 8, "stall_ratio": 1 - 3 / 8, "flip_rate": 3 / 8, "update_ulps": 12 / 8,
     }  # fmt: skip
     assert tracker.step_counts()["fc"]["flips"] == 0
     _step(tracker, "fc", w, torch.tensor([4.0, 2.0, 2.0, 1.0]), grad=torch.ones(4))
@@ -448,3 +459,125 @@ def test_attach_with_a_callable_and_frozen_parameters() -> None:
     assert set(hooks.tracker.get_flip_counts()) == {"0"}
     assert "4.weight" not in seen  # frozen: no gradient, never asked
     assert hooks.tracker.pop_step_counts()["0"]["steps"] == 3
+
+
+# ---- every optimizer and loop, against codes from ml_dtypes ---------------------------------------------
+
+SCALE = 2.0**-8  # E4M3 at a fixed scale: the MLP's weights (|w| < 0.6) sit well inside the range
+
+
+def _ml_dtypes_codes(w: torch.Tensor) -> np.ndarray:
+    """E4M3 (OCP float8_e4m3fn) codes of w / SCALE by ml_dtypes, -0 as +0: the independent encoder."""
+    codes = (w.detach().numpy() / SCALE).astype(ml_dtypes.float8_e4m3fn).view(np.uint8).copy()
+    codes[codes == 0x80] = 0
+    return codes
+
+
+def _ordinal(codes: np.ndarray) -> np.ndarray:
+    """Sign-magnitude codes as a monotone integer: +-(code & 0x7f)."""
+    magnitude = (codes & 0x7F).astype(np.int64)
+    return np.where(codes & 0x80, -magnitude, magnitude)
+
+
+class _Wrapper(torch.optim.Optimizer):
+    """Like accelerate's AcceleratedOptimizer: an Optimizer subclass that never ran Optimizer.__init__
+    and holds the real optimizer as ``.optimizer``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self):  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure=None):  # type: ignore[override]
+        return self.optimizer.step(closure)
+
+
+def _run_and_count(kind: str, steps: int = 6) -> tuple[WeightFlipTracker, dict[str, dict[str, int]]]:
+    """Train the MLP with ``kind``'s optimizer and loop, a tracker attached; count independently."""
+    model = _mlp()
+    if kind == "lbfgs":
+        optimizer = torch.optim.LBFGS(model.parameters(), lr=0.05, max_iter=2)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.5, fused=kind == "fused")
+    stepper = _Wrapper(optimizer) if kind == "wrapper" else optimizer
+    tracker = WeightFlipTracker()
+    attach_flip_tracker(model, stepper, default_format=E4M3, default_scale=SCALE, tracker=tracker)
+    weights = {name.removesuffix(".weight"): p for name, p in model.named_parameters() if p.ndim >= 2}
+    counts = {n: dict(flips=0, updates=0, updated_flips=0, drift_flips=0, grid_steps=0) for n in weights}
+    for _ in range(steps):
+        x, y = _batch()
+
+        def closure(x=x, y=y):
+            stepper.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        before = {name: _ml_dtypes_codes(w) for name, w in weights.items()}
+        if kind in ("closure", "lbfgs"):
+            stepper.step(closure)  # the gradients are made inside step
+        else:
+            closure()
+            stepper.step()
+        for name, w in weights.items():
+            after = _ml_dtypes_codes(w)
+            changed = after != before[name]
+            updated = w.grad.abs().numpy() > 1e-10  # the gradient the step used
+            c = counts[name]
+            c["flips"] += int(changed.sum())
+            c["updates"] += int(updated.sum())
+            c["updated_flips"] += int((changed & updated).sum())
+            c["drift_flips"] += int((changed & ~updated).sum())
+            c["grid_steps"] += int(np.abs(_ordinal(after) - _ordinal(before[name])).sum())
+    return tracker, counts
+
+
+@pytest.mark.parametrize("kind", ["plain", "fused", "closure", "wrapper", "lbfgs"])
+def test_flips_match_an_independent_count_under_every_optimizer_and_loop(kind: str) -> None:
+    tracker, expected = _run_and_count(kind)
+    got = tracker.step_counts()
+    for name, c in expected.items():
+        assert {key: got[name][key] for key in c} == c, name
+        assert got[name]["steps"] == 6
+        assert got[name]["update_ulps"] == c["grid_steps"] / got[name]["element_steps"]
+    assert all(c["flips"] > 0 for c in expected.values())  # a fused step that went unseen would fail here
+    if kind != "lbfgs":
+        assert all(0 < c["updated_flips"] < c["updates"] for c in expected.values())  # partial stalls
+        assert sum(c["drift_flips"] for c in expected.values()) > 0
+
+
+def test_update_ulps_by_hand() -> None:
+    tracker = WeightFlipTracker()
+    w = torch.tensor([1.0, 1.0, -1.0, 0.0])  # E5M2 around 1: 1.25, 1.5, 1.75, 2 above; 0.875 below
+    # 2 and 1 grid steps; -1 -> +1 passes every value of magnitude < 1 on both sides: 1.0 is the
+    # 61st non-negative value (positions 0..60: 0, 59 below 1), so 2 * 60 steps; -0 is +0: 0 steps
+    _step(tracker, "fc", w, torch.tensor([1.5, 0.875, 1.0, -0.0]))
+    assert tracker.step_counts()["fc"]["update_ulps"] == (2 + 1 + 120 + 0) / 4
+    assert tracker.pop_step_metrics()["update_ulps/mean"] == (2 + 1 + 120 + 0) / 4
+
+
+def test_predicted_stall_ratio_is_the_formula_over_updated_elements() -> None:
+    torch.manual_seed(1)
+    w = torch.rand(4096) * 0.5 + 1.25  # inside one E4M3 binade: ulp 0.125
+    grad = torch.randn_like(w).masked_fill_(torch.rand_like(w) < 0.3, 0.0)
+    tracker = WeightFlipTracker(predict_stall=True)
+    new = w - 0.1 * grad
+    _step(tracker, "fc", w.clone(), new, grad=grad, fmt=E4M3)
+    updated = (grad.abs() > 1e-10).numpy()
+    dw = (new - w).numpy()[updated]
+    expected = 1.0 - float(np.minimum(1.0, np.abs(dw) / 0.125).mean())
+    metrics = tracker.pop_step_metrics()
+    assert metrics["predicted_stall_ratio/fc"] == pytest.approx(expected, abs=1e-6)
+    assert metrics["predicted_stall_ratio/mean"] == metrics["predicted_stall_ratio/fc"]
+    assert metrics["predicted_stall_ratio/fc"] == pytest.approx(metrics["stall_ratio/fc"], abs=0.03)
+    assert "predicted_stall_ratio/mean" not in WeightFlipTracker().step_metrics({})
+
+
+def test_a_wrapper_without_an_optimizer_is_a_clear_error() -> None:
+    with pytest.raises(TypeError, match="optimizer"):
+        attach_flip_tracker(_mlp(), object())

@@ -109,7 +109,7 @@ def test_nonfinite_weight_triggers_a_format_shift(tmp_path):
     layer = "transformer.h.0.mlp.c_proj"
     with torch.no_grad():
         trainer.layers[layer].weight[0, 0] = float("nan")
-    _, record = trainer._train_step({"flips": True, "grad_stats": False, "quant": True})
+    _, record = trainer._train_step({"flips": True, "grad_stats": False, "quant": True, "optimizer_stats": False})
     record.update(trainer._quant_record())
     record.update(trainer.tracker.pop_step_metrics())
     assert record[f"quant/nonfinite_frac/{layer}/weight"] == pytest.approx(

@@ -60,6 +60,16 @@ def test_loss_falls_and_the_run_folder_is_complete(default_run):
     assert summary["precision"] == "fp32"
 
 
+def test_predicted_stall_is_close_to_the_measured_one(default_run):
+    # fp32 master weights sit anywhere in their grid cells: 1 - mean(min(1, |dw|/ulp)) predicts the
+    # measured stall (a 100-step run of this model: mean |difference| 0.001, largest 0.004)
+    config, _ = default_run
+    records = read_jsonl(config.run_dir / "metrics.jsonl")
+    differences = [abs(r["predicted_stall_ratio/mean"] - r["stall_ratio/mean"]) for r in records]
+    assert sum(differences) / len(differences) < 0.005 and max(differences) < 0.015
+    assert 0.3 < records[-1]["stall_ratio/mean"] < 0.95  # a regime where the prediction has work to do
+
+
 def test_jsonl_keys_are_present_and_finite(default_run):
     config, _ = default_run
     records = read_jsonl(config.run_dir / "metrics.jsonl")

@@ -1,6 +1,6 @@
 """Numerics and diagnostics on tensors: formats, quantize/encode/decode, scaling, flips, rank health."""
 
-from .diagnostics import BitStallDetector, grid_spacing
+from .diagnostics import BitStallDetector, crossing_probability, grid_spacing
 from .flip_metrics import WeightFlipTracker, attach_flip_tracker, compute_flip_rate, compute_stall_ratio
 from .formats import (
     BFLOAT16,
@@ -39,7 +39,7 @@ __all__ = [
     "FLOAT8_E4M3FNUZ", "FLOAT8_E5M2", "FLOAT8_E5M2FNUZ", "FLOAT8_E8M0FNU", "FLOAT16", "FORMATS",
     "FloatFormat", "FP8Format", "get_format", "quantize", "dequantize", "encode", "decode",
     "compute_flip_rate", "compute_stall_ratio", "WeightFlipTracker", "attach_flip_tracker",
-    "BitStallDetector", "grid_spacing", "compute_stable_rank", "compute_effective_rank",
-    "RankTrendDetector", "RankHealthMonitor",
+    "BitStallDetector", "crossing_probability", "grid_spacing", "compute_stable_rank",
+    "compute_effective_rank", "RankTrendDetector", "RankHealthMonitor",
     "quantize_compiled", "AmaxHistory", "compute_scale", "per_channel_scale", "mx_block_scale", "mx_quantize",
 ]  # fmt: skip

@@ -1,14 +1,19 @@
 """Grid diagnostics: the local grid spacing (ULP) of a format, and the predicted vs measured bit stall.
 
-An update ``dw`` to a weight ``w`` stored in a low-precision format only changes the stored value if it
-carries ``w`` across a rounding boundary. Rounding to nearest puts the boundaries half a grid step from
-each grid value, so an update smaller than half the local spacing is *predicted* to stall::
+An update ``dw`` to a weight ``w`` changes its quantized value only if it carries ``w`` across a
+rounding boundary. Rounding to nearest puts the boundaries one grid step apart (halfway between grid
+values), so a master weight whose position within its grid cell is uniform crosses one with
+probability ``min(1, |dw| / ulp)``, the ulp taken at ``w`` in the direction of motion (below a power
+of two the spacing is half the one above)::
 
     ulp(x) = scale * 2^(max(floor(log2|x / scale|), emin) - M)      (E0M7: scale * 2^(emin - M), uniform)
-    predicted stall  <=>  |dw| < ulp(w) / 2
+    P(cross) = min(1, |dw| / ulp(w towards w + dw))
+    predicted stall = 1 - mean P(cross)    over the weights that got an update
 
-``BitStallDetector`` measures, for one optimizer step, that predicted stall next to the *measured* one
-(the quantized value did not change) and how many grid positions each weight moved.
+The prediction is exact within a binade (boundaries evenly spaced) and approximate where a step
+crosses a binade edge. ``BitStallDetector`` measures, for one optimizer step, that predicted stall
+next to the *measured* one (the quantized value did not change) and how many grid positions each
+weight moved.
 
 Example::
 
@@ -16,6 +21,8 @@ Example::
     >>> from altgrad.quantization import E4M3, grid_spacing
     >>> grid_spacing(torch.tensor([1.0, 1.5, 0.01, 0.0]), E4M3)
     tensor([0.1250, 0.1250, 0.0020, 0.0020])
+    >>> crossing_probability(torch.tensor([1.0, 1.0, 1.3]), torch.tensor([-0.03125, 0.03125, 0.5]), E4M3)
+    tensor([0.5000, 0.2500, 1.0000])
 """
 
 from __future__ import annotations
@@ -70,23 +77,63 @@ def grid_spacing(x: torch.Tensor, format: FormatLike, scale: ScaleLike = 1.0) ->
     return spacing if scale == 1 else spacing * scale
 
 
-def grid_position(codes: torch.Tensor, format: FormatLike) -> torch.Tensor:
+def _update_in_ulps(
+    weight: torch.Tensor, update: torch.Tensor, format: FormatLike, scale: ScaleLike
+) -> torch.Tensor:
+    """``|dw| / ulp`` with the ulp at ``weight`` in the direction of ``update`` (see crossing_probability).
+
+    The binade comes from the float32 exponent field (frexp and nextafter are 10x slower on CPU): a
+    weight exactly at a power of two moving towards zero takes the binade below.
+    """
+    fmt = get_format(format)
+    if weight.shape != update.shape:
+        raise ValueError(f"update: shape {tuple(update.shape)} differs from weight {tuple(weight.shape)}")
+    _check_scale(scale)
+    dw = update.detach().float()
+    s = scale.float() if isinstance(scale, torch.Tensor) else float(scale)
+    y = weight.detach().float() / s
+    bits = y.view(torch.int32)
+    exponent = ((bits >> 23) & 0xFF) - 127  # floor(log2|y|) for normal y; zero and subnormals clamp below
+    at_power_of_two = (bits & 0x7FFFFF) == 0
+    exponent -= (at_power_of_two & (y * dw < 0)).to(torch.int32)
+    if fmt.exponent_bits == 0:  # one uniform spacing
+        exponent = torch.full_like(exponent, fmt.emin)
+    else:
+        exponent = exponent.clamp_(fmt.emin, fmt.emax)
+    spacing = torch.exp2(exponent.sub_(fmt.mantissa_bits).float())
+    return dw.abs() / spacing.mul_(s)
+
+
+def crossing_probability(
+    weight: torch.Tensor, update: torch.Tensor, format: FormatLike, scale: ScaleLike = 1.0
+) -> torch.Tensor:
+    """Per element, the chance that ``weight + update`` rounds to another grid value: ``min(1, |dw|/ulp)``.
+
+    ``ulp`` is the grid spacing at ``weight`` in the direction of ``update`` (a weight at a power of two
+    moving down sees the finer spacing below it). Assumes the weight's position within its grid cell
+    is uniform (an fp32 master copy); float32, no host sync.
+    """
+    return _update_in_ulps(weight, update, format, scale).clamp_(max=1.0)
+
+
+def grid_position(codes: torch.Tensor, format: FormatLike, dtype: torch.dtype = torch.int32) -> torch.Tensor:
     """The signed index of each code's value on the format's value line (+0 and -0 are both 0).
 
     Sign-magnitude codes are ordered by magnitude within a sign, so ``position = +-(code & magnitude
     bits)``; the difference of two positions is the number of grid steps between the values (inf, where
-    the format has it, sits one step above max_finite; NaN codes have no meaningful position). int32.
+    the format has it, sits one step above max_finite; NaN codes have no meaningful position). ``dtype``
+    (int32 by default; int16 holds differences of <= 8-bit formats) is the result's integer type.
     """
     fmt = get_format(format)
     if codes.is_floating_point():
         raise ValueError(f"codes: expected an integer tensor, got {codes.dtype}")
     magnitude_bits = fmt.exponent_bits + fmt.mantissa_bits
-    codes = codes.to(torch.int32)
+    codes = codes.to(dtype, copy=True)
     magnitude = codes & ((1 << magnitude_bits) - 1)
     if not fmt.signed:
         return magnitude
-    negative = (codes >> magnitude_bits) & 1
-    return torch.where(negative.bool(), -magnitude, magnitude)
+    sign = codes.bitwise_right_shift_(magnitude_bits).bitwise_and_(1)  # in place: small-int ops are fast
+    return sign.mul_(-2).add_(1).mul_(magnitude)
 
 
 HISTOGRAM_EDGES: tuple[int, ...] = (0, 1, 2, 4, 8, 16)
@@ -109,9 +156,10 @@ def _bin_labels(edges: tuple[int, ...]) -> list[str]:
 class StallStatistics:
     """One step's stall and grid-movement statistics, as 0-dim tensors (no host sync until ``to_dict``).
 
-    ``elements``: weights considered. ``predicted_stall``: fraction with ``|dw| < ulp(w)/2``.
-    ``measured_stall``: fraction whose quantized value did not change (moved 0 grid positions).
-    ``ulps_mean``/``ulps_median``: update size in units of the local spacing, ``|dw| / ulp(w)``.
+    ``elements``: weights considered. ``predicted_stall``: ``1 - mean(min(1, |dw| / ulp))``, the
+    expected fraction that stays in its grid cell (module docstring). ``measured_stall``: fraction
+    whose quantized value did not change (moved 0 grid positions). ``ulps_mean``/``ulps_median``:
+    update size in units of the local spacing in the direction of motion, ``|dw| / ulp``.
     ``grid_steps_mean``/``grid_steps_median``: grid positions moved. ``histogram``: counts of grid
     positions moved per bin of ``histogram_edges`` (``[e_i, e_{i+1})``, the last bin open). Every
     statistic is NaN when no element was considered.
@@ -176,19 +224,6 @@ class BitStallDetector:
         _check_scale(scale)
         return fmt, scale
 
-    def predicted_stall_mask(
-        self,
-        weight: torch.Tensor,
-        update: torch.Tensor,
-        format: FormatLike | None = None,
-        scale: ScaleLike | None = None,
-    ) -> torch.Tensor:
-        """Boolean mask of elements whose update is below half the local grid spacing at ``weight``."""
-        fmt, scale = self._resolve(format, scale)
-        if weight.shape != update.shape:
-            raise ValueError(f"update: shape {tuple(update.shape)} differs from weight {tuple(weight.shape)}")
-        return update.detach().abs() < 0.5 * grid_spacing(weight, fmt, scale)
-
     def measure(
         self,
         before: torch.Tensor,
@@ -208,7 +243,7 @@ class BitStallDetector:
         count = torch.count_nonzero(selected)
         denominator = count.to(torch.float64)
 
-        ulps = (after - before).abs() / grid_spacing(before, fmt, scale)
+        ulps = _update_in_ulps(before, after - before, fmt, scale)
         moved = (
             grid_position(encode(after, fmt, scale, check_nan=False), fmt)
             - grid_position(encode(before, fmt, scale, check_nan=False), fmt)
@@ -227,7 +262,7 @@ class BitStallDetector:
         )
         return StallStatistics(
             elements=count,
-            predicted_stall=mean(ulps < 0.5),
+            predicted_stall=1 - mean(ulps.clamp(max=1.0)),
             measured_stall=mean(moved == 0),
             ulps_mean=mean(ulps),
             ulps_median=median(ulps),

@@ -7,8 +7,8 @@ For each quantized weight ``w`` (format with M mantissa bits at scale s, gradien
     stiffness_max/{name}        max_i S(w_i)
     grid_alignment/{name}       mean_i |w_i - Q(w_i)| / S(w_i)                  (ULPs, in [0, 0.5] in range)
     grad_stiffness_corr/{name}  Pearson correlation of |g_i| and S(w_i)         (only if g exists)
-    bit_position_mean/{name}    mean of ManifoldAdamW's state["bit_position"]   (only if tracked)
-    bit_position_std/{name}     its population std (correction=0)
+    bit_position_mean/{name}    mean of ManifoldAdamW's state["bit_position"]   (only if tracked:
+    bit_position_std/{name}     its population std (correction=0)               Python API, not the trainer)
 
 ``grid_alignment`` is 0 for weights stored on the grid (GridOptim, ``weight_storage="quantized"``) and
 about 0.25 for master weights spread uniformly between grid values. ``grad_stiffness_corr`` says

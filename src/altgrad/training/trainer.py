@@ -6,9 +6,11 @@ One step, in the order of DESIGN.md:
    quantized weight), loss;
 2. backward (each layer's output gradient fake-quantized in the grad format);
 3. gradient statistics (every ``grad_stats_interval``), clipping;
-4. ``WeightFlipTracker.snapshot_pre_step`` for each quantized weight (codes, not float copies);
+4. ``WeightFlipTracker.snapshot_pre_step`` for each quantized weight (codes, and a float copy for the
+   predicted stall, held only through the step);
 5. ``optimizer.step()``;
-6. flips, updates and stall ratio per layer (the post-step codes are the next step's pre-step codes);
+6. flips, updates, measured and predicted stall, update ulps per layer (codes at the pre-step scale);
+   optimizer statistics while the gradients exist;
 7. every ``rank_interval``: rank health, trend warnings recorded as events;
 8. metrics to the sinks, with one host sync per logged step.
 
@@ -109,7 +111,7 @@ class Trainer:
         self.tracked = {name: layer for name, layer in self.layers.items() if layer.weight_format is not None}
         self.layer_of_param = {id(layer.weight): layer for layer in self.tracked.values()}
         self.optimizer = self._build_optimizer()
-        self.tracker = WeightFlipTracker()
+        self.tracker = WeightFlipTracker(predict_stall=True)
         self.rank_monitor = RankHealthMonitor(
             log_interval=config.diagnostics.rank_interval,
             warn_threshold=config.diagnostics.rank_warn_threshold,
@@ -322,6 +324,9 @@ class Trainer:
         if measure["flips"]:
             for name, layer in self.tracked.items():
                 self.tracker.record_post_step(name, layer.weight, layer.weight_format, layer.weight_scale())
+        if measure["optimizer_stats"]:  # before zero_grad: grad_stiffness_corr needs the gradients
+            weights = {name: layer.weight for name, layer in self.tracked.items()}
+            record.update(optimizer_statistics(self.optimizer, self.quant_info, weights))
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return loss.detach(), record
@@ -382,7 +387,6 @@ class Trainer:
         )
         for shift in shifts:
             self.tracked[shift.layer].set_format("weight", shift.to_format)
-            self.tracker.invalidate(shift.layer)  # codes in the old format are not comparable
             self.shift_events.append(self.logger.event(**shift.to_event()))
         for notice in self.format_shifts.pop_notices():
             self.logger.event(**notice.to_event())
@@ -426,6 +430,8 @@ class Trainer:
                     and self._due(diagnostics.flip_interval, step),
                     "grad_stats": self._due(diagnostics.grad_stats_interval, step),
                     "quant": self._due(diagnostics.quant_stats_interval, step),
+                    "optimizer_stats": bool(self.tracked)
+                    and self._due(diagnostics.optimizer_stats_interval, step),
                 }
                 loss, record = self._train_step(measure)
                 window_steps += 1
@@ -470,9 +476,6 @@ class Trainer:
                         record["val_loss_fp32_forward"] = self.evaluate(full_precision=True)
                 if self._due(diagnostics.rank_interval, step):
                     record.update(self._rank_record())
-                if self._due(diagnostics.optimizer_stats_interval, step) and self.tracked:
-                    weights = {name: layer.weight for name, layer in self.tracked.items()}
-                    record.update(optimizer_statistics(self.optimizer, self.quant_info, weights))
                 if self.format_shifts is not None and measure["flips"]:
                     self._apply_format_shifts(record)
                 if self.last_clip is not None and (clip_event := self.last_clip.to_event()) is not None:

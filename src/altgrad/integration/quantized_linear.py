@@ -196,6 +196,16 @@ class QuantizedLinear(nn.Module):
             return torch.ones((), device=self.weight.device)
         return quantizer.scale_for(self.weight)
 
+    def forward_weight(self) -> torch.Tensor | None:
+        """The weight the forward multiplies by, ``Q_w(W / s_w) * s_w`` at ``weight_scale()``, detached;
+        None when the weight is not quantized. Round-to-nearest (a stochastic-rounding layer's forward
+        draws a different neighbour each step); no amax history update."""
+        fmt = self.spec.weight
+        if fmt is None:
+            return None
+        with torch.no_grad():
+            return quantize(self.weight.detach(), fmt, self.weight_scale())
+
     def set_format(self, kind: str, fmt: FloatFormat | None) -> None:
         """Switch one tensor kind to another format (an emergency format shift); the amax history stays."""
         if kind not in TENSOR_KINDS:

@@ -16,7 +16,9 @@ Example::
 from __future__ import annotations
 
 import fnmatch
+import re
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch.nn as nn
@@ -95,11 +97,24 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def quantize_model(model: nn.Module, plan: QuantPlan) -> SurgeryReport:
-    """Replace Linear layers in place according to ``plan``; warn about rules that matched nothing."""
+def quantize_model(
+    model: nn.Module, plan: QuantPlan | FloatFormat, *, skip_patterns: Iterable[str] = ()
+) -> SurgeryReport:
+    """Replace Linear layers in place according to ``plan``; warn about rules that matched nothing.
+
+    A bare format (the original AltGrad's ``quantize_model(model, fmt)``) quantizes weights only, with
+    delayed scaling. Linears whose names match a regular expression of ``skip_patterns`` (``re.search``)
+    stay full precision.
+    """
+    if isinstance(plan, FloatFormat):
+        plan = QuantPlan(weight=plan)
     report = SurgeryReport()
     used_rules: set[int] = set()
-    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    linears = [
+        (name, m)
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear and not any(re.search(pattern, name) for pattern in skip_patterns)
+    ]
     for name, linear in linears:
         spec, matched = plan.spec_for(name)
         used_rules.update(matched)

@@ -163,8 +163,10 @@ class _QuantizeGradient(torch.autograd.Function):
 class QuantizedLinear(nn.Module):
     """A drop-in for ``nn.Linear`` that shares the original's Parameters (tied weights stay tied)."""
 
-    def __init__(self, linear: nn.Linear, spec: LayerQuantSpec) -> None:
+    def __init__(self, linear: nn.Linear, spec: LayerQuantSpec | FloatFormat) -> None:
         super().__init__()
+        if isinstance(spec, FloatFormat):  # the original AltGrad's QuantizedLinear(linear, fmt): weights only
+            spec = LayerQuantSpec(weight=spec)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias

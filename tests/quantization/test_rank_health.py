@@ -320,8 +320,15 @@ def test_unknown_layer_size_is_a_clear_error() -> None:
     monitor = RankHealthMonitor(warmup_checks=0, ema_alpha=1.0)
     with pytest.raises(ValueError, match="max_ranks: min\\(m, n\\) of 'fc'"):
         monitor.check_warnings({"fc": {"effective_rank": 3.0}})
+    assert monitor.checks == 0 and monitor.active == set()  # nothing recorded by the refused call
     assert monitor.check_warnings({"fc": {"effective_rank": 30.0}}, max_ranks={"fc": 32}) == []
     assert len(monitor.check_warnings({"fc": {"effective_rank": 3.0}}, max_ranks={"fc": 32})) == 1
+    assert (
+        monitor.last_warnings[0]["metric"] == "effective_rank"
+        and "rank collapse" in monitor.last_warnings[0]["message"]
+    )
+    nan = monitor.check_warnings({"fc": {"effective_rank": math.nan}})  # NaN without a spectral norm
+    assert len(nan) == 1 and "NaN or inf" in nan[0]
 
 
 def test_monitor_state_dict_round_trip() -> None:

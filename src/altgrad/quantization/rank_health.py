@@ -413,19 +413,23 @@ class RankHealthMonitor:
     ) -> list[str]:
         """Warnings (strings naming their layer) for collapsed, zero and non-finite matrices.
 
-        ``max_ranks`` gives min(m, n) of layers not measured by ``compute_layer_ranks``.
+        ``max_ranks`` gives min(m, n) of layers not measured by ``compute_layer_ranks`` (remembered).
         """
+        sizes = self.max_ranks | dict(max_ranks or {})
+        unknown = [
+            layer for layer, metrics in ranks.items() if "effective_rank" in metrics and layer not in sizes
+        ]
+        if unknown:
+            raise ValueError(f"max_ranks: min(m, n) of {unknown[0]!r} is unknown (pass it or measure it)")
+        self.max_ranks = sizes
         self.checks += 1
         self.last_warnings = []
-        sizes = self.max_ranks | dict(max_ranks or {})
         for layer, metrics in ranks.items():
             for suffix in ("", QUANTIZED_SUFFIX):
                 if f"effective_rank{suffix}" in metrics:
                     self._check_degenerate(layer, metrics, suffix)
             if "effective_rank" in metrics:
-                if layer not in sizes:
-                    raise ValueError(f"max_ranks: min(m, n) of {layer!r} is unknown (pass it or measure it)")
-                self._check_collapse(layer, float(metrics["effective_rank"]), sizes[layer])
+                self._check_collapse(layer, float(metrics["effective_rank"]), self.max_ranks[layer])
         return [warning["message"] for warning in self.last_warnings]
 
     def _warn_once(self, layer: str, condition: str, metric: str, firing: bool, message: str) -> None:
@@ -439,14 +443,14 @@ class RankHealthMonitor:
 
     def _check_degenerate(self, layer: str, metrics: Mapping[str, float], suffix: str) -> None:
         weight = "weight the forward uses" if suffix else "master weight"
-        spectral_norm = float(metrics.get(f"spectral_norm{suffix}", math.nan))
-        nonfinite = not math.isfinite(spectral_norm)
+        zero = float(metrics.get(f"spectral_norm{suffix}", math.nan)) == 0
+        nonfinite = math.isnan(float(metrics[f"effective_rank{suffix}"])) and not zero
         self._warn_once(
             layer, f"nonfinite{suffix}", f"effective_rank{suffix}", nonfinite,
             f"WARN {layer}: the {weight} has NaN or inf entries (rank metrics NaN)",
         )  # fmt: skip
         self._warn_once(
-            layer, f"zero{suffix}", f"effective_rank{suffix}", spectral_norm == 0,
+            layer, f"zero{suffix}", f"effective_rank{suffix}", zero,
             f"WARN {layer}: the {weight} is the zero matrix (no rank; rank metrics NaN)",
         )  # fmt: skip
 

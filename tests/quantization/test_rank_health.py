@@ -349,3 +349,32 @@ def test_monitor_should_check_and_validation() -> None:
         RankHealthMonitor(warn_threshold=30)
     with pytest.raises(ValueError, match="collapse_floor"):
         RankHealthMonitor(collapse_floor=2)
+
+
+def _train_toy_mlp(weight_decay: float, steps: int = 80) -> list[tuple[int, str, dict[str, float]]]:
+    """An MLP fitting a rank-1 map with AdamW; the monitor every 10 steps: (step, warned layer, its ranks)."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    u, v = torch.randn(32, 1), torch.randn(1, 8)
+    optimizer = torch.optim.AdamW(mlp.parameters(), lr=1e-2, weight_decay=weight_decay)
+    monitor = RankHealthMonitor(log_interval=10, warmup_checks=3)
+    warned = []
+    for step in range(1, steps + 1):
+        x = torch.randn(128, 32)
+        loss = ((mlp(x) - (x @ u) @ v) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if monitor.should_check(step):
+            ranks = monitor.compute_layer_ranks(mlp)
+            monitor.check_warnings(ranks)
+            warned += [(step, w["layer"], ranks[w["layer"]]) for w in monitor.last_warnings]
+    return warned
+
+
+def test_a_toy_mlp_driven_toward_rank_one_is_warned_early_and_a_healthy_one_not() -> None:
+    assert _train_toy_mlp(weight_decay=0.1) == []  # learns the map: no warning
+    warned = _train_toy_mlp(weight_decay=5.0)  # loss stays ~1; after 600 steps the hidden layer has r_e 2.8
+    step, layer, ranks = warned[0]
+    assert layer == "2.weight" and step <= 60
+    assert 8 < ranks["effective_rank"] < 16 and ranks["stable_rank"] > 1.5  # many directions still there

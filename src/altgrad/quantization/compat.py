@@ -15,8 +15,8 @@ Example::
 
     >>> import torch
     >>> q = QuantizeFunc.apply(torch.tensor([0.3, 500.0]), FORMAT_REGISTRY["E4M3"], torch.tensor(1.0))
-    >>> q, dequantize(q, torch.tensor(2.0))
-    (tensor([  0.3125, 448.0000]), tensor([  0.6250, 896.0000]))
+    >>> q.tolist(), dequantize(q, torch.tensor(2.0)).tolist()
+    ([0.3125, 448.0], [0.625, 896.0])
 """
 
 from __future__ import annotations

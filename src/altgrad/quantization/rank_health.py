@@ -1,4 +1,4 @@
-"""Rank health of weight matrices: stable rank, effective rank, and warnings when they trend down.
+"""Rank health of weight matrices: stable rank, effective rank, and a warning when a matrix collapses.
 
 For a matrix W with singular values s_1 >= s_2 >= ... (conv weights reshaped to (out, -1)):
 

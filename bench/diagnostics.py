@@ -107,7 +107,7 @@ def naive_ranks(model: GPT, dtype: torch.dtype) -> dict[str, dict[str, float]]:
         if p.ndim < 2:
             continue
         s = torch.linalg.svdvals(p.detach().to(dtype))
-        metrics = rank_metrics_from_singular_values(s, p.numel())
+        metrics = rank_metrics_from_singular_values(s)
         ranks[name] = {key: float(value) for key, value in metrics.items()}
     return ranks
 

@@ -49,9 +49,10 @@ def test_rank_one() -> None:
     assert compute_effective_rank(w) == pytest.approx(1.0, abs=1e-9)
 
 
-def test_zero_matrix() -> None:
-    assert compute_stable_rank(torch.zeros(3, 5)) == 15.0
-    assert compute_effective_rank(torch.zeros(3, 5)) == 1.0
+def test_zero_matrix_has_no_rank() -> None:
+    """0/0 is undefined: NaN, never a high rank (it once read as numel) nor a healthy 1."""
+    assert math.isnan(compute_stable_rank(torch.zeros(3, 5)))
+    assert math.isnan(compute_effective_rank(torch.zeros(3, 5)))
 
 
 @pytest.mark.parametrize("shape", [(40, 12), (12, 40), (16, 3, 3, 3)])
@@ -82,9 +83,9 @@ def test_invalid_and_non_finite() -> None:
 
 def test_metrics_from_singular_values_are_batched() -> None:
     s = torch.tensor([[3.0, 2.0, 1.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
-    metrics = rank_metrics_from_singular_values(s, numel=12)
-    assert metrics["stable_rank"].tolist() == pytest.approx([14 / 9, 3.0, 12.0])
-    assert metrics["effective_rank"][1:].tolist() == pytest.approx([3.0, 1.0])
+    metrics = rank_metrics_from_singular_values(s)
+    assert metrics["stable_rank"].tolist() == pytest.approx([14 / 9, 3.0, math.nan], nan_ok=True)
+    assert metrics["effective_rank"][1:].tolist() == pytest.approx([3.0, math.nan], nan_ok=True)
     assert metrics["spectral_norm"].tolist() == [3.0, 1.0, 0.0]
 
 
@@ -110,8 +111,9 @@ def test_compute_rank_metrics_matches_single_matrix_functions() -> None:
         ranks = compute_rank_metrics(matrices, method=method)
         assert list(ranks) == list(matrices)
         for name, w in matrices.items():
-            assert ranks[name]["stable_rank"] == pytest.approx(compute_stable_rank(w), rel=1e-9), name
-            assert ranks[name]["effective_rank"] == pytest.approx(compute_effective_rank(w), rel=1e-4), name
+            stable, effective = compute_stable_rank(w), compute_effective_rank(w)
+            assert ranks[name]["stable_rank"] == pytest.approx(stable, rel=1e-9, nan_ok=True), name
+            assert ranks[name]["effective_rank"] == pytest.approx(effective, rel=1e-4, nan_ok=True), name
             spectral = float(torch.linalg.matrix_norm(w.reshape(w.shape[0], -1).double(), 2))
             assert ranks[name]["spectral_norm"] == pytest.approx(spectral, rel=1e-9), name
     nan = torch.ones(4, 4)
@@ -200,36 +202,144 @@ def test_critical_layers_and_thresholds() -> None:
     assert RankHealthMonitor(critical_layers=["mlp"]).is_critical("h.1.mlp.c_fc.weight")
 
 
-def _series(monitor: RankHealthMonitor, values: list[float]) -> list[list[str]]:
-    layers = ("h.0.mlp.c_fc.weight", "h.0.attn.c_proj.weight")
-    return [
-        monitor.check_warnings({name: {"stable_rank": v, "effective_rank": 10.0} for name in layers})
-        for v in values
-    ]
+def _collapsing(t: float, rows: int = 64, columns: int = 64) -> torch.Tensor:
+    """``W_t = (1 - t) R + t s_1(R) u v^T``: a random matrix driven toward rank 1 as t goes 0 -> 1."""
+    generator = torch.Generator().manual_seed(1)
+    random = torch.randn(rows, columns, generator=generator, dtype=torch.float64) / columns**0.5
+    u, v = (
+        torch.randn(rows, generator=generator, dtype=torch.float64),
+        torch.randn(columns, generator=generator, dtype=torch.float64),
+    )
+    spike = torch.outer(u / u.norm(), v / v.norm()) * torch.linalg.matrix_norm(random, 2)
+    return (1 - t) * random + t * spike
 
 
-def test_monitor_warmup_then_critical_layers_warn_first() -> None:
-    monitor = RankHealthMonitor(warmup_checks=3, ema_alpha=1.0)
-    warnings = _series(monitor, [1.0, 1.0, 1.0] + [10.0, 10.0, 8.0])  # warmup is silent; then 20% down
-    assert warnings[:5] == [[]] * 5
-    assert len(warnings[5]) == 1 and warnings[5][0].startswith("WARN h.0.attn.c_proj.weight stable_rank")
-    assert monitor.last_warnings == [
-        {"layer": "h.0.attn.c_proj.weight", "metric": "stable_rank", "message": warnings[5][0]}
-    ]
-    assert len(_series(monitor, [6.0])[0]) == 2  # 40% down: both layers
-    assert monitor.checks == 7
+def _run_monitor(monitor: RankHealthMonitor, series: list[torch.Tensor]) -> list[list[str]]:
+    layer = nn.Linear(series[0].shape[1], series[0].shape[0], bias=False)
+    warnings = []
+    for w in series:
+        layer.weight.data = w.float()
+        warnings.append(monitor.check_warnings(monitor.compute_layer_ranks(layer)))
+    return warnings
+
+
+def _numpy_effective_rank(w: torch.Tensor) -> float:
+    return _numpy_ranks(w)[1]
+
+
+def test_collapse_is_warned_once_while_many_directions_remain() -> None:
+    ts = [i / 40 for i in range(41)]
+    series = [_collapsing(t) for t in ts]
+    warnings = _run_monitor(RankHealthMonitor(warmup_checks=1), series)
+    warned = [i for i, messages in enumerate(warnings) if messages]
+    assert len(warned) == 1 and len(warnings[warned[0]]) == 1  # once, not at every later check
+    first = warned[0]
+    effective = _numpy_effective_rank(series[first])
+    assert 1.0 < 0.25 * 64 * 0.5 < effective < 0.25 * 64  # below the floor, 8+ directions still there
+    assert _numpy_effective_rank(series[first - 1]) >= 0.25 * 64  # the first check below the floor
+    assert ts[first] < 1.0
+    assert "weight effective_rank" in warnings[first][0] and "rank collapse" in warnings[first][0]
+
+
+def test_healthy_learning_does_not_warn() -> None:
+    """A spike grows on a bulk that stays (stable rank 18 -> 1.1, effective rank 51 -> 28 of 64)."""
+    generator = torch.Generator().manual_seed(2)
+    bulk = torch.randn(64, 64, generator=generator, dtype=torch.float64) / 8
+    spike = torch.outer(
+        torch.randn(64, generator=generator, dtype=torch.float64),
+        torch.randn(64, generator=generator, dtype=torch.float64),
+    )
+    series = [bulk + a * spike / spike.norm() * bulk.norm() for a in torch.linspace(0, 3, 30).tolist()]
+    assert compute_stable_rank(series[-1]) < 1.2 and compute_effective_rank(series[-1]) > 20
+    assert _run_monitor(RankHealthMonitor(warmup_checks=1, ema_alpha=1.0), series) == [[]] * 30
+
+
+def test_a_layer_built_low_rank_is_not_flagged_but_its_collapse_is() -> None:
+    generator = torch.Generator().manual_seed(3)
+    left = torch.randn(64, 4, generator=generator, dtype=torch.float64)
+    low = left @ torch.randn(4, 64, generator=generator, dtype=torch.float64)  # effective rank ~4 of 64
+    monitor = RankHealthMonitor(warmup_checks=1, ema_alpha=1.0)
+    assert _run_monitor(monitor, [low] * 10) == [[]] * 10  # below the floor, but it has not fallen
+    decayed = low - 0.95 * left[:, 1:] @ torch.linalg.lstsq(left[:, 1:], low).solution  # 3 of 4 fade
+    assert _run_monitor(monitor, [decayed])[0][0].startswith("WARN weight effective_rank")
+
+
+def test_zero_and_non_finite_matrices_warn_at_once() -> None:
+    monitor = RankHealthMonitor(warmup_checks=5)
+    w = torch.randn(16, 16, dtype=torch.float64)
+    nan = w.clone()
+    nan[3, 3] = math.nan
+    warnings = _run_monitor(monitor, [torch.zeros(16, 16), torch.zeros(16, 16), w, nan, nan, w])
+    assert [len(m) for m in warnings] == [1, 0, 0, 1, 0, 0]  # once per episode, warmup or not
+    assert "zero matrix" in warnings[0][0] and "NaN or inf" in warnings[3][0]
+    assert monitor.last_warnings == []
+    ranks = monitor.compute_layer_ranks(
+        nn.Linear(4, 4).requires_grad_(False).apply(lambda m: m.weight.zero_())
+    )
+    assert math.isnan(ranks["weight"]["stable_rank"]) and ranks["weight"]["spectral_norm"] == 0.0
+
+
+def test_quantized_weight_ranks_match_numpy_on_ml_dtypes_codes() -> None:
+    """``*_quantized`` metrics: those of the E4M3 weight the forward uses (ml_dtypes codes, numpy SVD)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from altgrad.integration.quantized_linear import LayerQuantSpec, QuantizedLinear
+    from altgrad.quantization import E4M3
+
+    layer = QuantizedLinear(nn.Linear(48, 24, bias=False), LayerQuantSpec(weight=E4M3, scaling="current"))
+    layer(torch.randn(2, 48))
+    scale = float(layer.weight_scale())
+    w, scale32 = layer.weight.detach().numpy(), np.float32(scale)  # the forward's float32 arithmetic
+    reference = ((w / scale32).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * scale32).astype(
+        np.float64
+    )
+    s = np.linalg.svd(reference, compute_uv=False)
+    p = s / s.sum()
+    ranks = RankHealthMonitor().compute_layer_ranks(layer)["weight"]
+    assert ranks["stable_rank_quantized"] == pytest.approx((s**2).sum() / s[0] ** 2, rel=1e-9)
+    assert ranks["effective_rank_quantized"] == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-6)
+    assert ranks["spectral_norm_quantized"] == pytest.approx(s[0], rel=1e-9)
+    assert ranks["stable_rank"] == pytest.approx(_numpy_ranks(layer.weight.detach())[0], rel=1e-9)
+    assert ranks["stable_rank_quantized"] != ranks["stable_rank"]
+
+
+def test_a_quantized_weight_flushed_to_zero_warns() -> None:
+    from altgrad.integration.quantized_linear import LayerQuantSpec, QuantizedLinear
+    from altgrad.quantization import E4M3
+
+    layer = QuantizedLinear(nn.Linear(16, 16, bias=False), LayerQuantSpec(weight=E4M3, scaling="delayed"))
+    layer(torch.randn(2, 16))  # the amax history now holds the weight's amax
+    with torch.no_grad():
+        layer.weight.mul_(1e-9)  # far below E4M3's smallest subnormal at that scale
+    monitor = RankHealthMonitor()
+    warnings = monitor.check_warnings(monitor.compute_layer_ranks(layer))
+    assert len(warnings) == 1 and "weight the forward uses is the zero matrix" in warnings[0]
+    assert monitor.last_warnings[0]["metric"] == "effective_rank_quantized"
+
+
+def test_unknown_layer_size_is_a_clear_error() -> None:
+    monitor = RankHealthMonitor(warmup_checks=0, ema_alpha=1.0)
+    with pytest.raises(ValueError, match="max_ranks: min\\(m, n\\) of 'fc'"):
+        monitor.check_warnings({"fc": {"effective_rank": 3.0}})
+    assert monitor.checks == 0 and monitor.active == set()  # nothing recorded by the refused call
+    assert monitor.check_warnings({"fc": {"effective_rank": 30.0}}, max_ranks={"fc": 32}) == []
+    assert len(monitor.check_warnings({"fc": {"effective_rank": 3.0}}, max_ranks={"fc": 32})) == 1
+    assert (
+        monitor.last_warnings[0]["metric"] == "effective_rank"
+        and "rank collapse" in monitor.last_warnings[0]["message"]
+    )
+    nan = monitor.check_warnings({"fc": {"effective_rank": math.nan}})  # NaN without a spectral norm
+    assert len(nan) == 1 and "NaN or inf" in nan[0]
 
 
 def test_monitor_state_dict_round_trip() -> None:
-    values = [10.0] * 5 + [9.0, 8.0, 7.0, 6.0]
-    uninterrupted = RankHealthMonitor(warmup_checks=4)
-    expected = _series(uninterrupted, values)
-    first = RankHealthMonitor(warmup_checks=4)
-    _series(first, values[:6])
-    resumed = RankHealthMonitor(warmup_checks=4)
+    series = [_collapsing(t) for t in [i / 20 for i in range(21)]]
+    expected = _run_monitor(RankHealthMonitor(warmup_checks=2), series)
+    first = RankHealthMonitor(warmup_checks=2)
+    _run_monitor(first, series[:15])
+    resumed = RankHealthMonitor(warmup_checks=2)
     resumed.load_state_dict(first.state_dict())
-    assert _series(resumed, values[6:]) == expected[6:]
-    assert any(expected[6:]) and resumed.checks == len(values)
+    assert _run_monitor(resumed, series[15:]) == expected[15:]
+    assert any(expected) and resumed.checks == len(series)
 
 
 def test_monitor_should_check_and_validation() -> None:
@@ -237,3 +347,34 @@ def test_monitor_should_check_and_validation() -> None:
     assert monitor.should_check(100) and not monitor.should_check(101)
     with pytest.raises(ValueError, match="warn_threshold"):
         RankHealthMonitor(warn_threshold=30)
+    with pytest.raises(ValueError, match="collapse_floor"):
+        RankHealthMonitor(collapse_floor=2)
+
+
+def _train_toy_mlp(weight_decay: float, steps: int = 80) -> list[tuple[int, str, dict[str, float]]]:
+    """An MLP fitting a rank-1 map with AdamW; the monitor every 10 steps: (step, warned layer, its ranks)."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    u, v = torch.randn(32, 1), torch.randn(1, 8)
+    optimizer = torch.optim.AdamW(mlp.parameters(), lr=1e-2, weight_decay=weight_decay)
+    monitor = RankHealthMonitor(log_interval=10, warmup_checks=3)
+    warned = []
+    for step in range(1, steps + 1):
+        x = torch.randn(128, 32)
+        loss = ((mlp(x) - (x @ u) @ v) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if monitor.should_check(step):
+            ranks = monitor.compute_layer_ranks(mlp)
+            monitor.check_warnings(ranks)
+            warned += [(step, w["layer"], ranks[w["layer"]]) for w in monitor.last_warnings]
+    return warned
+
+
+def test_a_toy_mlp_driven_toward_rank_one_is_warned_early_and_a_healthy_one_not() -> None:
+    assert _train_toy_mlp(weight_decay=0.1) == []  # learns the map: no warning
+    warned = _train_toy_mlp(weight_decay=5.0)  # loss stays ~1; after 600 steps the hidden layer has r_e 2.8
+    step, layer, ranks = warned[0]
+    assert layer == "2.weight" and step <= 60
+    assert 8 < ranks["effective_rank"] < 16 and ranks["stable_rank"] > 1.5  # many directions still there

@@ -109,7 +109,8 @@ def test_nonfinite_weight_triggers_a_format_shift(tmp_path):
     layer = "transformer.h.0.mlp.c_proj"
     with torch.no_grad():
         trainer.layers[layer].weight[0, 0] = float("nan")
-    _, record = trainer._train_step({"flips": True, "grad_stats": False, "quant": True, "optimizer_stats": False})
+    measure = {"flips": True, "grad_stats": False, "quant": True, "optimizer_stats": False}
+    _, record = trainer._train_step(measure)
     record.update(trainer._quant_record())
     record.update(trainer.tracker.pop_step_metrics())
     assert record[f"quant/nonfinite_frac/{layer}/weight"] == pytest.approx(

@@ -91,6 +91,8 @@ def test_jsonl_keys_are_present_and_finite(default_run):
     at_10 = records[9]
     for key in [
         f"stable_rank/{layer}.weight",
+        f"stable_rank_quantized/{layer}.weight",
+        f"effective_rank_quantized/{layer}.weight",
         "stable_rank/min",
         "effective_rank/mean",
         "quant/overflow_frac/weight",

@@ -24,9 +24,10 @@ Example::
 from __future__ import annotations
 
 import fnmatch
+import re
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch.nn as nn
@@ -138,17 +139,29 @@ def _warn_skipped(skipped: dict[str, nn.Module]) -> None:
 
 
 def quantize_model(
-    model: nn.Module, plan: QuantPlan, module_filter_fn: ModuleFilter | None = None
+    model: nn.Module,
+    plan: QuantPlan | FloatFormat,
+    module_filter_fn: ModuleFilter | None = None,
+    *,
+    skip_patterns: Iterable[str] = (),
 ) -> SurgeryReport:
     """Replace Linear (and Conv1D) layers in place according to ``plan``, except those for which
-    ``module_filter_fn(module, fqn)`` is False; warn about rules that matched nothing and about
-    weight-bearing modules of other types (see the module docstring)."""
+    ``module_filter_fn(module, fqn)`` is False or whose names match a regular expression of
+    ``skip_patterns`` (``re.search``); warn about rules that matched nothing and about weight-bearing
+    modules of other types (see the module docstring).
+
+    A bare format (the original AltGrad's ``quantize_model(model, fmt)``) quantizes weights only, with
+    delayed scaling.
+    """
+    if isinstance(plan, FloatFormat):
+        plan = QuantPlan(weight=plan)
     report = SurgeryReport()
     used_rules: set[int] = set()
     linears, skipped = [], {}
     for name, module in model.named_modules():
         if is_linear_like(module):
-            if module_filter_fn is None or module_filter_fn(module, name):
+            skipped_by_name = any(re.search(pattern, name) for pattern in skip_patterns)
+            if not skipped_by_name and (module_filter_fn is None or module_filter_fn(module, name)):
                 linears.append((name, module))
         elif not isinstance(module, QuantizedLinear) and _has_matrix_weight(module):
             skipped[name] = module

@@ -217,8 +217,10 @@ class QuantizedLinear(nn.Module):
     """A drop-in for ``nn.Linear`` (or transformers' ``Conv1D``) that shares the original's Parameters
     (tied weights stay tied)."""
 
-    def __init__(self, linear: nn.Module, spec: LayerQuantSpec) -> None:
+    def __init__(self, linear: nn.Module, spec: LayerQuantSpec | FloatFormat) -> None:
         super().__init__()
+        if isinstance(spec, FloatFormat):  # the original AltGrad's QuantizedLinear(linear, fmt): weights only
+            spec = LayerQuantSpec(weight=spec)
         conv1d = hf_conv1d_type()
         if not isinstance(linear, nn.Linear) and not (conv1d is not None and isinstance(linear, conv1d)):
             raise ValueError(f"linear: expected nn.Linear or a transformers Conv1D, got {type(linear)}")
@@ -269,6 +271,16 @@ class QuantizedLinear(nn.Module):
                 return torch.ones((), device=self.weight.device)
             scale = quantizer.scale_for(self.weight_out_in())
         return scale.t() if self.transposed and scale.dim() == 2 else scale
+
+    def forward_weight(self) -> torch.Tensor | None:
+        """The weight the forward multiplies by, ``Q_w(W / s_w) * s_w`` at ``weight_scale()``, detached;
+        None when the weight is not quantized. Round-to-nearest (a stochastic-rounding layer's forward
+        draws a different neighbour each step); no amax history update."""
+        fmt = self.spec.weight
+        if fmt is None:
+            return None
+        with torch.no_grad():
+            return quantize(self.weight.detach(), fmt, self.weight_scale())
 
     def set_format(self, kind: str, fmt: FloatFormat | None) -> None:
         """Switch one tensor kind to another format (an emergency format shift); the amax history stays."""

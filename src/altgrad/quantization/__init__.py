@@ -1,5 +1,14 @@
 """Numerics and diagnostics on tensors: formats, quantize/encode/decode, scaling, flips, rank health."""
 
+from .compat import (
+    FORMAT_REGISTRY,
+    DequantizeFunc,
+    QuantizeFunc,
+    ScalingConfig,
+    compute_stiffness_field,
+    dequantize,
+    detect_bit_stall,
+)
 from .diagnostics import BitStallDetector, crossing_probability, grid_spacing
 from .flip_metrics import WeightFlipTracker, attach_flip_tracker, compute_flip_rate, compute_stall_ratio
 from .formats import (
@@ -29,7 +38,7 @@ from .formats import (
     FP8Format,
     get_format,
 )
-from .ops import decode, dequantize, encode, quantize, quantize_compiled
+from .ops import decode, encode, quantize, quantize_compiled
 from .rank_health import RankHealthMonitor, RankTrendDetector, compute_effective_rank, compute_stable_rank
 from .scaling import AmaxHistory, compute_scale, mx_block_scale, mx_quantize, per_channel_scale
 
@@ -42,4 +51,7 @@ __all__ = [
     "BitStallDetector", "crossing_probability", "grid_spacing", "compute_stable_rank",
     "compute_effective_rank", "RankTrendDetector", "RankHealthMonitor",
     "quantize_compiled", "AmaxHistory", "compute_scale", "per_channel_scale", "mx_block_scale", "mx_quantize",
+    # the original AltGrad's names (docs/compat.md)
+    "FORMAT_REGISTRY", "QuantizeFunc", "DequantizeFunc", "ScalingConfig", "detect_bit_stall",
+    "compute_stiffness_field",
 ]  # fmt: skip

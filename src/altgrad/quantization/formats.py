@@ -213,6 +213,22 @@ class FloatFormat:
     def _nan_code(self) -> int:
         return next(code for code in range(self.num_codes) if math.isnan(self.decode(code)))
 
+    # ---- the original AltGrad's names (docs/compat.md) ----------------------------------------------
+
+    @property
+    def max_representable_value(self) -> float:
+        """``max_finite`` under the original AltGrad's name (E4M3: 448, the OCP value)."""
+        return self.max_finite
+
+    def to_real(self, bit_index: int) -> float:
+        """``decode`` under the original AltGrad's name: the value of one code."""
+        return self.decode(bit_index)
+
+    def to_bits(self, value: float) -> int:
+        """``encode`` under the original AltGrad's name: nearest code, ties to even, saturating; NaN
+        gives the NaN code, and ``ValueError`` in a format without one (never the code of 0)."""
+        return self.encode(value)
+
     def describe(self) -> dict[str, object]:
         """One row of the formats table."""
         return {

@@ -1,4 +1,4 @@
-"""Fake quantization to any registered format: quantize, dequantize, encode, decode.
+"""Fake quantization to any registered format: quantize, encode, decode.
 
 ``quantize(x, fmt, scale)`` returns ``Q(x / scale) * scale`` in x's dtype, where ``Q`` rounds to the
 format's grid and ``x / scale`` is evaluated in the working float. The arithmetic is float32 (float64
@@ -816,7 +816,3 @@ def _decoded_table(fmt: FloatFormat, device: torch.device) -> torch.Tensor:
         _TABLES[key] = fmt.values().to(device=device, dtype=torch.float32)
     return _TABLES[key]
 
-
-def dequantize(codes: torch.Tensor, format: str | FloatFormat, scale: ScaleLike = 1.0) -> torch.Tensor:
-    """Alias of ``decode``: codes back to real values at ``scale``."""
-    return decode(codes, format, scale)

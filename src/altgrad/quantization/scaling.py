@@ -77,7 +77,11 @@ class AmaxHistory:
             history.update(x.detach().abs().amax())
     """
 
-    def __init__(self, length: int = 16, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, length: int = 16, device: torch.device | str | None = None, *, history_len: int | None = None
+    ) -> None:
+        if history_len is not None:  # the original AltGrad's name for the length
+            length = history_len
         if isinstance(length, bool) or not isinstance(length, int) or length < 1:
             raise ValueError(f"length: must be a positive int, got {length!r}")
         self.length = length
@@ -109,6 +113,10 @@ class AmaxHistory:
 
     def __len__(self) -> int:
         return self._count
+
+    def get_amax(self) -> float:
+        """The original AltGrad's accessor: max of the history as a float (one host sync), 1.0 if empty."""
+        return float(self.amax) if self._count else 1.0
 
     def update(self, amax: torch.Tensor | float) -> None:
         """Push the current amax (a 0-dim tensor or a number; a larger tensor is reduced by its amax)."""
@@ -160,7 +168,11 @@ class AmaxHistory:
 
 
 def compute_scale(
-    amax: torch.Tensor | float, format: str | FloatFormat, margin: float = 0, power_of_two: bool = False
+    amax: torch.Tensor | float,
+    format: str | FloatFormat,
+    margin: float = 0,
+    power_of_two: bool = False,
+    scale_min: float = 0.0,
 ) -> torch.Tensor | float:
     """The scale that maps ``amax`` to ``max_finite / 2^margin``: ``amax * 2^margin / max_finite``.
 
@@ -168,8 +180,14 @@ def compute_scale(
     ``power_of_two=True`` rounds the scale up to a power of two (exact scaling; amax then lands at
     or below ``max_finite / 2^margin``). A tensor amax gives a float32 tensor of the same shape,
     computed on its device without host sync (negative entries give 1); a number gives a float
-    (a negative one raises ``ValueError``).
+    (a negative one raises ``ValueError``). ``scale_min`` floors the result (the original AltGrad's
+    guard against a tiny amax; its 1.01 headroom factor is not applied: use ``margin``).
     """
+    if not 0 <= scale_min < math.inf:
+        raise ValueError(f"scale_min: must be finite and >= 0, got {scale_min!r}")
+    if scale_min > 0:
+        scale = compute_scale(amax, format, margin, power_of_two)
+        return scale.clamp_min(scale_min) if isinstance(scale, torch.Tensor) else max(scale, scale_min)
     fmt = get_format(format)
     if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not math.isfinite(margin):
         raise ValueError(f"margin: expected a finite number, got {margin!r}")

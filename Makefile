@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
+# a second `make run` continues runs/default (says it is complete, or resumes it after an interrupt)
 run: $(STAMP)
-	$(BIN)/altgrad train
+	if [ -f runs/default/config.yaml ]; then $(BIN)/altgrad train --resume runs/default; else $(BIN)/altgrad train; fi
 
 test: $(STAMP)
 	WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -n 2 tests

@@ -22,13 +22,13 @@ Medians of ``--repeats``; variants interleaved. Prints a table, writes ``bench/r
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from altgrad.jsonio import write_json_atomic
 from altgrad.quantization import E4M3, RankHealthMonitor, WeightFlipTracker, attach_flip_tracker
 from altgrad.quantization.rank_health import rank_metrics_from_singular_values
 from altgrad.training.model import GPT, GPTConfig
@@ -228,7 +228,7 @@ def main() -> None:
     }  # fmt: skip
     out = Path(__file__).parent / "results" / "diagnostics.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json_atomic(out, result)
     print(f"\nwrote {out}")
 
 

@@ -19,7 +19,6 @@ Prints a table, writes ``bench/results/quantize.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -30,6 +29,7 @@ import ml_dtypes
 import numpy as np
 import torch
 
+from altgrad.jsonio import write_json_atomic
 from altgrad.quantization import quantize
 from altgrad.quantization.formats import E3M4, E4M3, E5M2, E7M0
 
@@ -147,7 +147,7 @@ def main() -> None:
     }
     out = Path(__file__).parent / "results" / "quantize.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json_atomic(out, result)
     print(f"wrote {out}")
 
 

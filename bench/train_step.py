@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from altgrad.integration import QuantPlan, quantize_model
+from altgrad.jsonio import write_json_atomic
 from altgrad.training.config import load_config
 from altgrad.training.model import GPT, GPTConfig
 
@@ -96,9 +96,7 @@ def main() -> None:
         )
     out = Path(__file__).parent / "results" / "train_step.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(
-        json.dumps({"batch_size": batch_size, "threads": torch.get_num_threads(), "rows": rows}, indent=2)
-    )
+    write_json_atomic(out, {"batch_size": batch_size, "threads": torch.get_num_threads(), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -29,26 +29,48 @@ def _cmd_formats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finished_message(run_dir: Path, summary: dict) -> str:
+    if summary["status"] == "nan_stop":
+        return f"{run_dir} stopped on a non-finite value at step {summary['steps']}; nothing to continue"
+    return (
+        f"{run_dir} is already complete ({summary['steps']} steps); nothing changed. To train further: "
+        f"altgrad train --resume {run_dir} --set train.max_steps=N"
+    )
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from altgrad.analysis import write_run_report
     from altgrad.training.config import load_config
-    from altgrad.training.trainer import resume, train
+    from altgrad.training.interrupt import exit_code
+    from altgrad.training.run_folder import resume_command
+    from altgrad.training.trainer import finished_summary, resume_config, train
 
     if args.print_config:
         print_config(args)
         return 0
     if args.resume:
-        run_dir = Path(args.resume)
-        summary = resume(run_dir, overrides=args.set)
+        config = resume_config(args.resume, overrides=args.set)
+        if (finished := finished_summary(config)) is not None:
+            print(_finished_message(config.run_dir, finished))
+            return 0 if finished["status"] == "completed" else 1
+        summary = train(config, resume=True)
     else:
         config = load_config(args.config, overrides=args.set)
-        run_dir = config.run_dir
-        summary = train(config)
+        summary = train(config, overwrite=args.overwrite)
+    run_dir = config.run_dir
+    if summary["status"] == "interrupted":
+        print(
+            f"altgrad: interrupted by {summary['signal']} after step {summary['steps']}; resume with: "
+            f"{resume_command(run_dir)}",
+            file=sys.stderr,
+        )
+        return exit_code(summary["signal"])
     write_run_report(run_dir)
+    keys = ("final_train_loss", "final_val_loss", "mean_stall_ratio")
+    figures = {key: _format_number(summary[key]) for key in keys}
     print(
-        f"{summary['status']}: {summary['steps']} steps, final train loss {summary['final_train_loss']:.4f}, "
-        f"val loss {_format_number(summary['final_val_loss'])}, mean stall ratio "
-        f"{_format_number(summary['mean_stall_ratio'])}"
+        f"{summary['status']}: {summary['steps']} steps, final train loss {figures['final_train_loss']}, "
+        f"val loss {figures['final_val_loss']}, mean stall ratio {figures['mean_stall_ratio']}"
     )
     print(f"run folder: {run_dir}  (report: {run_dir / 'report.html'})")
     return 0 if summary["status"] == "completed" else 1
@@ -85,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a key")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     train.add_argument("--print-config", action="store_true", help="print the resolved config YAML and exit")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in the run folder (default: refuse)"
+    )
     train.set_defaults(handler=_cmd_train)
 
     report = commands.add_parser("report", help="write report.html/report.md for a run or a matrix folder")
@@ -102,9 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, KeyError) as error:
+    except (ValueError, FileNotFoundError) as error:  # user errors: one line; a bug keeps its traceback
         print(f"altgrad: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print("altgrad: interrupted; a run resumes from its last checkpoint: altgrad train --resume RUN_DIR",
+              file=sys.stderr)  # fmt: skip
+        return 130
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 ``fake_cell`` writes what a real run leaves behind (config.yaml, summary.json), appends each call to
 ``<matrix_dir>/calls.jsonl``, and does what ``<matrix_dir>/plan.json`` says for its cell: ``"raise"``,
-``"failed"`` (returns a failed summary), ``"nan_stop"`` or ``"interrupt"`` (KeyboardInterrupt).
+``"failed"`` (returns a failed summary), ``"nan_stop"``, ``"interrupted"`` (a run stopped by SIGTERM)
+or ``"interrupt"`` (KeyboardInterrupt).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def fake_cell(config: dict[str, Any], resume: bool) -> dict[str, Any]:
     if action == "interrupt":
         raise KeyboardInterrupt
     summary = {"name": run_config.name, "status": action or "completed", "steps": run_config.train.max_steps}
+    if action == "interrupted":
+        summary["signal"] = "SIGTERM"
     (run_dir / "summary.json").write_text(json.dumps(summary))
     return summary
 

@@ -2,11 +2,16 @@ import argparse
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from altgrad import jsonio
 from altgrad.experiments import runner
 from altgrad.experiments.cli import register
 from altgrad.experiments.runner import run_matrix, write_matrix_json
@@ -129,11 +134,10 @@ def test_matrix_json_is_replaced_atomically(tmp_path, monkeypatch):
     path = write_matrix_json(grid, [])
     before = path.read_text()
 
-    def broken_dump(document, file, **kwargs):
-        file.write('{"cells": [')
+    def broken_replace(source, target):
         raise OSError("disk full")
 
-    monkeypatch.setattr(runner.json, "dump", broken_dump)
+    monkeypatch.setattr(jsonio.os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         write_matrix_json(grid, [{"name": "x"}])
     assert path.read_text() == before
@@ -189,3 +193,60 @@ def test_end_to_end_tiny_grid_with_the_real_trainer(tmp_path, monkeypatch):
     result = run_matrix(grid)
     assert (result.completed, result.failed, result.skipped) == (1, 0, 3)
     assert json.loads((tmp_path / "runs" / "m" / "E3M4-adamw" / "summary.json").read_text())["steps"] == 6
+
+
+def test_a_cell_stopped_by_a_signal_stops_the_matrix_and_the_rerun_picks_it_up(
+    tmp_path, fakes, monkeypatch, capsys
+):
+    monkeypatch.setattr(runner, "train_cell", fakes.fake_cell)
+    grid = write_grid(tmp_path)
+    matrix_dir = tmp_path / "runs" / "m"
+    matrix_dir.mkdir(parents=True)
+    (matrix_dir / "plan.json").write_text(json.dumps({"E1M6-adamw": "interrupted"}))
+    parser = argparse.ArgumentParser(prog="altgrad")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["matrix", str(grid)])
+    assert args.handler(args) == 143
+    err = capsys.readouterr().err
+    assert f"matrix interrupted by SIGTERM; 5 cells left; run `altgrad matrix {grid}` again" in err
+    statuses = [cell["status"] for cell in read_matrix(tmp_path)["cells"]]
+    assert statuses == ["completed", "completed", "pending", "pending", "pending", "pending", "pending"]
+    assert len(fakes.calls(matrix_dir)) == 3  # no cell started after the stop
+
+    (matrix_dir / "plan.json").unlink()
+    result = run_matrix(grid, run_cell=fakes.fake_cell)
+    assert (result.completed, result.failed, result.skipped, result.interrupted_by) == (5, 0, 2, None)
+    assert [call["name"] for call in fakes.calls(matrix_dir)][3] == "E1M6-adamw"
+
+
+def test_sigterm_to_the_runner_stops_its_workers_at_a_step_boundary(tmp_path):
+    """A real grid in 2 spawned workers; SIGTERM to the runner alone; the rerun finishes every cell."""
+    env = {**os.environ, "PYTHONPATH": str(Path(runner.__file__).parents[2]), "WANDB_MODE": "disabled"}
+    base = {
+        "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16},
+        "train": {"max_steps": 40, "batch_size": 4, "warmup_steps": 2, "eval_interval": 20},
+        "checkpoint": {"interval": 1000},
+        "logging": {"progress": False},
+    }
+    grid = write_grid(tmp_path, base=base, axes={"quant.weight": ["E4M3", "E5M2", "E3M4"]}, baselines={})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "altgrad", "matrix", str(grid), "--jobs", "2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    matrix_dir = tmp_path / "runs" / "m"
+    deadline = time.monotonic() + 180
+    while not any(path.read_text().count("\n") >= 3 for path in matrix_dir.glob("*/metrics.jsonl")):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=180)
+    assert process.returncode == 143, err
+    assert "Traceback" not in err and "matrix interrupted by SIGTERM" in err
+    summaries = [json.loads(path.read_text()) for path in matrix_dir.glob("*/summary.json")]
+    assert summaries and all(s["status"] in ("interrupted", "completed") for s in summaries)
+    assert any(s["status"] == "interrupted" and s["signal"] == "SIGTERM" for s in summaries)
+
+    result = run_matrix(grid)
+    assert result.completed + result.skipped == 3 and result.failed == 0
+    for cell in read_matrix(tmp_path)["cells"]:
+        assert json.loads((matrix_dir / cell["name"] / "summary.json").read_text())["steps"] == 40

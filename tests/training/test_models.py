@@ -166,7 +166,8 @@ def test_a_gpt2_run_resumes_exactly(local_files, gpt2_run, tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(crashing)
     monkeypatch.undo()
-    (crashing.run_dir / "checkpoints" / "step_3.pt").unlink()  # resume from step 2 (dropout RNG included)
+    # a crash saves nothing: the resume starts from the periodic step_2.pt (dropout RNG included)
+    assert not (crashing.run_dir / "checkpoints" / "step_3.pt").exists()
     assert resume(crashing.run_dir)["status"] == "completed"
 
     def strip(records):

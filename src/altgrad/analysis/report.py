@@ -10,10 +10,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 from altgrad.analysis.matrix import MATRIX_FILE
 from altgrad.analysis.matrix_report import write_matrix_report
 from altgrad.analysis.run_report import write_run_report
-from altgrad.analysis.runs import find_runs, is_run_dir
+from altgrad.analysis.runs import find_runs, is_run_dir, render_value
+
+
+def refuse_mixed_models(root: Path, runs: list[Path]) -> None:
+    """Raise ValueError (one line) when the runs under ``root`` trained different models.
+
+    Losses of different model sizes are not one comparison; a grid (matrix.json) that varies
+    ``model.*`` on purpose is not checked. A run without a readable config.yaml is left out."""
+    models: dict[str, list[str]] = {}
+    for run in runs:
+        try:
+            config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(config, dict) and isinstance(config.get("model"), dict):
+            models.setdefault(render_value(config["model"]), []).append(run.name)
+    if len(models) > 1:
+        kinds = "; ".join(f"{', '.join(names)}: {model}" for model, names in models.items())
+        raise ValueError(
+            f"{root}: runs of {len(models)} different models cannot share one report ({kinds}); "
+            "report each run folder on its own or move the runs into separate folders"
+        )
 
 
 def write_report(path: str | Path) -> Path:
@@ -21,7 +44,8 @@ def write_report(path: str | Path) -> Path:
 
     ``path`` is a matrix folder when it holds matrix.json, a run folder when it holds config.yaml or
     metrics.jsonl, and otherwise a matrix folder when run folders lie under it.
-    Raises FileNotFoundError when it is none of these.
+    Raises FileNotFoundError when it is none of these, ValueError when loose run folders (no
+    matrix.json) trained different models.
     """
     path = Path(path)
     if not path.is_dir():
@@ -30,7 +54,8 @@ def write_report(path: str | Path) -> Path:
         return write_matrix_report(path)
     if is_run_dir(path):
         return write_run_report(path)
-    if find_runs(path):
+    if runs := find_runs(path):
+        refuse_mixed_models(path, runs)
         return write_matrix_report(path)
     raise FileNotFoundError(
         f"{path}: neither a run folder (config.yaml, metrics.jsonl) nor a matrix folder "

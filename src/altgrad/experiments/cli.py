@@ -1,6 +1,7 @@
 """``altgrad matrix GRID.yaml [--jobs N] [--dry-run]``: the argparse wiring for the experiment runner.
 
-The main CLI calls ``register(subparsers)``; the handler returns the exit code (1 if a cell failed).
+The main CLI calls ``register(subparsers)``; the handler returns the exit code (1 if a cell failed,
+130/143 when SIGINT/SIGTERM stopped the matrix).
 
 Example::
 
@@ -11,6 +12,9 @@ Example::
 from __future__ import annotations
 
 import argparse
+import sys
+
+from altgrad.training.interrupt import exit_code
 
 from .runner import run_matrix
 
@@ -26,6 +30,14 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
     for record in result.cells:
         if record["status"] == "failed":
             print(f"  failed: {record['name']}: {record['error']}")
+    if result.interrupted_by:
+        left = sum(record["status"] == "pending" for record in result.cells)
+        print(
+            f"altgrad: matrix interrupted by {result.interrupted_by}; {left} cells left; run "
+            f"`altgrad matrix {args.grid}` again to pick up where it was",
+            file=sys.stderr,
+        )
+        return exit_code(result.interrupted_by)
     print(f"build the report with: altgrad report {result.matrix_dir}")
     return 1 if result.failed else 0
 

@@ -66,10 +66,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from altgrad.quantization.formats import get_format
-from altgrad.training.config import ConfigError, RunConfig, config_from_dict
+from altgrad.training.config import ConfigError, RunConfig, config_from_dict, parse_yaml
 
 GRID_KEYS = ("name", "out_dir", "base", "axes", "include", "exclude", "baselines")
 RESERVED_KEYS = ("name", "out_dir")  # set per cell by the grid
@@ -267,7 +266,7 @@ def _read_base(raw: Any, root: Path) -> dict[str, Any]:
         path = root / raw
         if not path.is_file():
             raise GridError(f"base: run config file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = parse_yaml(path.read_text(), str(path)) or {}
     if not isinstance(raw, dict):
         raise GridError("base: expected a run config mapping or the path to a run config YAML file")
     return raw
@@ -400,6 +399,6 @@ def load_grid(path: str | Path) -> Grid:
     if not path.is_file():
         raise FileNotFoundError(f"grid file not found: {path}")
     try:
-        return expand_grid(yaml.safe_load(path.read_text()) or {}, path.parent, path.stem)
+        return expand_grid(parse_yaml(path.read_text(), str(path)) or {}, path.parent, path.stem)
     except GridError as error:
         raise GridError(f"grid {path}: {error}") from None

@@ -7,8 +7,11 @@ For each cell of the grid, in order:
 * nothing yet: trained from scratch;
 * a run folder made by a different config (the grid changed): failed, naming the keys that differ.
 
-A cell that raises is recorded as ``failed`` with its error and the others go on. ``matrix.json`` in
-the matrix folder is rewritten atomically (temp file + rename) at every change::
+A cell that raises is recorded as ``failed`` with its error and the others go on. SIGINT or SIGTERM
+stops the matrix the way it stops a run: no new cell starts, running cells stop at a step boundary
+with a checkpoint (the signal reaches spawned workers from the terminal, and a SIGTERM sent to the
+runner alone is passed on to them), they are left ``pending`` and a rerun resumes them.
+``matrix.json`` in the matrix folder is rewritten atomically (strict JSON) at every change::
 
     {"cells": [{"name": "E4M3-adamw-s0", "assignment": {"quant.weight": "E4M3", "seed": 0, ...},
                 "baseline": null, "status": "completed", "error": null, "equivalent_to": null}, ...],
@@ -30,7 +33,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import tempfile
+import signal
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -40,8 +45,10 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
+from altgrad.jsonio import write_json_atomic
 from altgrad.training.checkpoint import latest_checkpoint
 from altgrad.training.config import ConfigError, config_from_dict
+from altgrad.training.interrupt import StopOnSignal
 
 from .grid import Cell, Grid, format_assignment, load_grid
 
@@ -51,20 +58,25 @@ RunCell = Callable[[dict[str, Any], bool], dict[str, Any]]
 
 @dataclass
 class MatrixResult:
-    """What one ``run_matrix`` call did: cells run to the end now, failed now, finished before."""
+    """What one ``run_matrix`` call did: cells run to the end now, failed now, finished before, and
+    the signal that stopped it (None when it ran to the end)."""
 
     matrix_dir: Path
     completed: int = 0
     failed: int = 0
     skipped: int = 0
     cells: list[dict[str, Any]] = field(default_factory=list)
+    interrupted_by: str | None = None
 
 
 def train_cell(config: dict[str, Any], resume: bool) -> dict[str, Any]:
-    """The default ``run_cell``: train one cell (or resume it from its checkpoint) with the trainer."""
+    """The default ``run_cell``: train one cell (or resume it from its checkpoint) with the trainer.
+
+    ``plan_cell`` has already checked the folder: a fresh start only replaces a same-config run that
+    left no checkpoint and no finished summary."""
     from altgrad.training.trainer import train
 
-    return train(config_from_dict(config), resume=resume)
+    return train(config_from_dict(config), resume=resume, overwrite=not resume)
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -89,7 +101,8 @@ def plan_cell(cell: Cell) -> tuple[str, str | None]:
         if changed:
             return "conflict", (
                 f"{run_dir} holds a run of a different config (differs in {', '.join(changed)}); "
-                "delete the folder to rerun the cell, or give the matrix another name"
+                "delete the folder to rerun the cell, or give the matrix another name (the trainer's "
+                "rule too: a run is never replaced without being asked)"
             )
     summary = run_dir / "summary.json"
     if summary.is_file():
@@ -111,17 +124,8 @@ def _record(cell: Cell, status: str, error: str | None = None) -> dict[str, Any]
 def write_matrix_json(grid: Grid, records: list[dict[str, Any]]) -> Path:
     """Write ``<matrix_dir>/matrix.json`` atomically: a reader never sees a half-written file."""
     grid.matrix_dir.mkdir(parents=True, exist_ok=True)
-    target = grid.matrix_dir / "matrix.json"
     document = {"cells": records, "axes": grid.axes, "base": grid.base.to_dict()}
-    handle, temporary = tempfile.mkstemp(dir=grid.matrix_dir, prefix=".matrix.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(document, file, indent=2)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return target
+    return write_json_atomic(grid.matrix_dir / "matrix.json", document)
 
 
 def describe_grid(grid: Grid) -> str:
@@ -144,20 +148,38 @@ def describe_grid(grid: Grid) -> str:
     return "\n".join(lines)
 
 
-def _run_one(run_cell: RunCell, config: dict[str, Any], resume: bool) -> str | None:
-    """Run one cell; None when it finished, else the error as one string."""
+def _run_one(run_cell: RunCell, config: dict[str, Any], resume: bool) -> tuple[str, str | None, str | None]:
+    """Run one cell: ``(status in matrix.json, error, signal)``; a cell stopped by a signal is pending."""
     try:
         summary = run_cell(config, resume)
     except Exception as error:
-        return f"{type(error).__name__}: {error}"
+        return "failed", f"{type(error).__name__}: {error}", None
     status = summary.get("status") if isinstance(summary, dict) else None
-    return None if status in FINISHED else f"the run ended with status {status!r}"
+    if status == "interrupted":
+        return "pending", None, summary.get("signal")
+    if status in FINISHED:
+        return "completed", None, None
+    return "failed", f"the run ended with status {status!r}", None
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, stopping: Any) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # an idle worker ignores them; a run handles its own
+        signal.signal(signum, signal.SIG_IGN)
+    threading.Thread(target=_stop_when_set, args=(stopping,), daemon=True).start()
+
+
+def _stop_when_set(stopping: Any) -> None:
+    """In a worker: once the runner stops, SIGTERM this process every half second until it exits.
+
+    A running cell stops at its next step boundary (repeated SIGTERMs change nothing), an idle worker
+    ignores them. A signal sent to the runner alone does not reach its workers; this passes it on."""
+    stopping.wait()
+    while True:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)
 
 
 def _cores() -> int:
@@ -195,41 +217,57 @@ def run_matrix(
         records[i] = _record(grid.cells[i], "running")
         write_matrix_json(grid, records)
 
-    def finish(i: int, error: str | None) -> None:
-        records[i] = _record(grid.cells[i], "failed" if error else "completed", error)
+    def finish(i: int, outcome: tuple[str, str | None, str | None]) -> None:
+        status, error, stopped_by = outcome
+        records[i] = _record(grid.cells[i], status, error)
         write_matrix_json(grid, records)
-        result.completed += error is None
-        result.failed += error is not None
+        result.completed += status == "completed"
+        result.failed += status == "failed"
+        result.interrupted_by = result.interrupted_by or stopped_by
         if error:
             progress.write(f"cell {grid.cells[i].name} failed: {error}")
-        progress.update()
+        if status != "pending":
+            progress.update()
         progress.set_postfix(failed=result.failed)
 
+    # SIGINT/SIGTERM between cells: start no new cell (a running cell stops itself at a step boundary)
+    stop = StopOnSignal().install()
     try:
         if jobs == 1:
             for i, resume in todo:
+                if stop.requested or result.interrupted_by:
+                    break
                 start(i)
                 finish(i, _run_one(run_cell, grid.cells[i].config.to_dict(), resume))
         else:
             spawn, threads = multiprocessing.get_context("spawn"), max(1, _cores() // jobs)
+            stopping = spawn.Event()
             with ProcessPoolExecutor(
-                jobs, mp_context=spawn, initializer=_init_worker, initargs=(threads,)
+                jobs, mp_context=spawn, initializer=_init_worker, initargs=(threads, stopping)
             ) as pool:
                 queue, running = list(reversed(todo)), {}
                 while queue or running:
-                    while queue and len(running) < jobs:
+                    while queue and len(running) < jobs and not stop.requested:
                         i, resume = queue.pop()
                         start(i)
                         running[pool.submit(_run_one, run_cell, grid.cells[i].config.to_dict(), resume)] = i
-                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    if not running:
+                        break
+                    done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+                    if stop.requested:
+                        stopping.set()
                     for future in done:
                         i = running.pop(future)
                         try:
-                            error = future.result()
+                            outcome = future.result()
                         except Exception as crash:  # the worker process died (killed, out of memory)
                             error = f"worker process failed: {type(crash).__name__}: {crash}"
-                        finish(i, error)
+                            # a Ctrl-C can reach a worker still starting up: left to the rerun
+                            outcome = ("pending", None, None) if stop.requested else ("failed", error, None)
+                        finish(i, outcome)
     finally:
+        stop.uninstall()
+        result.interrupted_by = result.interrupted_by or stop.name
         progress.close()
         if any(record["status"] == "running" for record in records):  # interrupted: left to resume
             for i, record in enumerate(records):

@@ -8,6 +8,7 @@ Example::
 
     >>> save_checkpoint(run_dir / "checkpoints", step=100, state=trainer_state, keep=2)
     >>> state = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))
+    >>> path, state, skipped = load_latest_valid(run_dir / "checkpoints")  # corrupt newer ones skipped
 """
 
 from __future__ import annotations
@@ -74,3 +75,38 @@ def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int) -
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+class CheckpointError(ValueError):
+    """No checkpoint in a folder can be read."""
+
+
+def load_latest_valid(folder: Path) -> tuple[Path, dict[str, Any], list[str]]:
+    """The newest checkpoint in ``folder`` that loads: ``(path, state, skipped)``.
+
+    ``skipped`` says, one line per file, which newer checkpoint could not be read and why (a
+    truncated or corrupt file, e.g. a disk that filled up). Raises CheckpointError naming every
+    file when none loads, FileNotFoundError when there is none.
+    """
+    steps = checkpoint_steps(folder)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint to resume from in {folder}")
+    skipped = []
+    for step in reversed(steps):
+        path = folder / f"step_{step}.pt"
+        try:
+            state = load_checkpoint(path)
+        except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+            skipped.append(f"skipped {path}: unreadable ({type(error).__name__}: {_first_line(error)})")
+            continue
+        if not isinstance(state, dict) or state.get("step") != step:
+            skipped.append(f"skipped {path}: not a step_{step} training checkpoint")
+            continue
+        return path, state, skipped
+    names = ", ".join(f"step_{step}.pt" for step in steps)
+    raise CheckpointError(f"no readable checkpoint in {folder} (tried {names}: all corrupt or truncated)")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "no message"

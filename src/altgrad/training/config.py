@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from altgrad.integration.recipes import expand_recipe
+from altgrad.jsonio import write_text_atomic
 from altgrad.quantization.formats import FORMATS, get_format
 
 
@@ -255,12 +256,31 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(lines)
 
 
+def parse_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)``, or a one-line ConfigError: ``source:line:column: problem``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's contents; a missing file or a syntax error is one line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file not found: {path}")
+    return parse_yaml(path.read_text(), str(path))
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"train.lr=1e-3"`` -> (["train", "lr"], 0.001); values are parsed as YAML scalars/lists."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r}: expected key.path=value")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    return key.strip().split("."), parse_yaml(raw, f"override {item!r}") if raw.strip() else None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -294,11 +314,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     source = default_config_path() if path is None else Path(path)
     if not source.is_file():
         raise FileNotFoundError(f"config file not found: {source}")
-    data = yaml.safe_load(source.read_text()) or {}
+    data = parse_yaml(source.read_text(), str(source)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config {source}: the top level must be a mapping of sections")
     return config_from_dict(apply_overrides(data, overrides or []))
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))  # a resume rewrites it

@@ -2,7 +2,8 @@
 
 Every record carries the global ``step``; all sinks get the same keys at the same steps. JSONL lines
 are flushed as written, so a crash loses at most the line being written (readers skip a torn last
-line). W&B defaults to disabled and never needs the network in ``offline`` mode.
+line); a non-finite float is written as ``null`` (strict JSON). W&B defaults to disabled and never
+needs the network in ``offline`` mode.
 
 Example::
 
@@ -14,18 +15,11 @@ Example::
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Protocol
 
-
-def _json_safe(value: Any) -> Any:
-    """Non-finite floats as strings ("nan", "inf"), since JSON has no such numbers."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
+from altgrad.jsonio import dumps_strict
 
 
 class JsonlWriter:
@@ -36,7 +30,7 @@ class JsonlWriter:
         self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
 
     def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps({k: _json_safe(v) for k, v in record.items()}) + "\n")
+        self.file.write(dumps_strict(record) + "\n")  # strict JSON: a non-finite float is null
         self.file.flush()
 
     def close(self) -> None:

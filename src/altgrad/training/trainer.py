@@ -31,32 +31,35 @@ import contextlib
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from altgrad.integration import QuantizedLinear, QuantPlan, QuantRule, quantize_model, quantized_layers
 from altgrad.integration.quantized_linear import full_precision_forward
+from altgrad.jsonio import dumps_strict, write_json_atomic, write_text_atomic
 from altgrad.quantization.flip_metrics import WeightFlipTracker
 from altgrad.quantization.formats import get_format
 from altgrad.quantization.rank_health import RankHealthMonitor
 from altgrad.quantization.stability import FormatShiftController, PartitionRelativeClipper
 from altgrad.versions import run_versions
 
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import RunConfig, apply_overrides, config_from_dict, save_config
+from .checkpoint import load_latest_valid, rng_state, save_checkpoint, set_rng_state
+from .config import RunConfig, apply_overrides, config_from_dict, read_yaml, save_config
 from .data import BatchSampler, load_data
+from .interrupt import StopOnSignal
 from .loggers import MetricsLogger
 from .metrics import compute_gradient_stats, rank_stats
 from .models import build_model
 from .optimizer import build_optimizer
 from .optimizer_diagnostics import optimizer_statistics
 from .quant_metrics import quant_stats_record
+from .run_folder import refuse_existing_run, resume_command, start_fresh
 from .schedule import cosine_with_warmup
 
 EVAL_SEED = 1234  # every run evaluates on the same validation windows
@@ -86,13 +89,33 @@ def _quant_plan(config: RunConfig) -> QuantPlan:
     )
 
 
-class Trainer:
-    """Builds everything a run needs from its config; ``run()`` trains and returns the summary."""
+def format_width_warnings(config: RunConfig) -> list[str]:
+    """One warning per quantization format that is not 8 bits wide (a custom split such as E4M4)."""
+    quant = config.quant
+    if not quant.enabled:
+        return []
+    names = [quant.weight, quant.activation, quant.grad]
+    names += [name for rule in quant.rules for name in (rule.weight, rule.activation, rule.grad)]
+    used = [name for name in dict.fromkeys(names) if name not in (None, "none")]
+    widths = {name: get_format(name).total_bits for name in used}
+    return [
+        f"format {name} is {bits} bits wide, not 8: this run is not an 8-bit experiment"
+        for name, bits in widths.items()
+        if bits != 8
+    ]
 
-    def __init__(self, config: RunConfig, resume: bool = False) -> None:
+
+class Trainer:
+    """Builds everything a run needs from its config; ``run()`` trains and returns the summary.
+
+    A fresh run under a name that already holds a run is refused (RunExistsError) unless
+    ``overwrite``; the run folder is made only once the data and the model are built."""
+
+    def __init__(self, config: RunConfig, resume: bool = False, overwrite: bool = False) -> None:
         self.config = config
         self.run_dir = config.run_dir
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            refuse_existing_run(self.run_dir, overwrite)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         seed_everything(config.seed)
 
@@ -107,6 +130,7 @@ class Trainer:
             self.startup_warnings = [
                 f"quant rule {p!r} matched no Linear layer" for p in surgery.unmatched_rules
             ]
+        self.startup_warnings += format_width_warnings(config)
         self.layers: dict[str, QuantizedLinear] = quantized_layers(self.model)
         self.tracked = {name: layer for name, layer in self.layers.items() if layer.weight_format is not None}
         self.layer_of_param = {id(layer.weight): layer for layer in self.tracked.values()}
@@ -137,13 +161,12 @@ class Trainer:
         self.first_rank_warning_step: int | None = None
         self.shift_events: list[dict[str, Any]] = []
         self.precision_used = "fp32"
+        self.wall_time_before = 0.0  # seconds spent on the steps before this session (a resume)
+        self.session_started = time.perf_counter()
         if resume:
             self._restore()
-        else:  # a fresh run under an existing name replaces that run's records and checkpoints
-            for name in ("metrics.jsonl", "events.jsonl", "summary.json"):
-                (self.run_dir / name).unlink(missing_ok=True)
-            for stale in (self.run_dir / "checkpoints").glob("step_*.pt"):
-                stale.unlink()
+        else:  # made only now, so a data or config error leaves no empty folder behind
+            start_fresh(self.run_dir)
         save_config(config, self.run_dir / "config.yaml")
         self.logger = MetricsLogger.for_run(
             self.run_dir,
@@ -216,13 +239,12 @@ class Trainer:
             "best_val_loss": self.best_val_loss,
             "first_rank_warning_step": self.first_rank_warning_step,
             "shift_events": self.shift_events,
+            "wall_time_s": self.wall_time_before + time.perf_counter() - self.session_started,
         }
 
     def _restore(self) -> None:
-        path = latest_checkpoint(self.run_dir / "checkpoints")
-        if path is None:
-            raise FileNotFoundError(f"no checkpoint to resume from in {self.run_dir / 'checkpoints'}")
-        state = load_checkpoint(path)
+        _, state, skipped = load_latest_valid(self.run_dir / "checkpoints")
+        self.startup_warnings += skipped
         if state["tokenizer"] != self.data.tokenizer.state():
             raise ValueError(
                 f"cannot resume {self.run_dir}: the data's tokenizer differs from the checkpoint's "
@@ -253,6 +275,7 @@ class Trainer:
         self.best_val_loss = state["best_val_loss"]
         self.first_rank_warning_step = state["first_rank_warning_step"]
         self.shift_events = state["shift_events"]
+        self.wall_time_before = state.get("wall_time_s", 0.0)
         for name in ("metrics.jsonl", "events.jsonl"):  # drop what was logged after the checkpoint
             _truncate_jsonl_after(self.run_dir / name, self.step)
 
@@ -406,6 +429,7 @@ class Trainer:
             f"{'resumed at' if start_step else 'started'} step {self.step} on {self.device}",
         )
         for warning in self.startup_warnings:
+            print(f"altgrad: warning: {warning}", file=sys.stderr)
             self.logger.event(self.step, "alert", warning)
         tokens_per_step = config.train.batch_size * config.model.block_size
         progress = tqdm(
@@ -416,13 +440,17 @@ class Trainer:
             dynamic_ncols=True,
         )
         status, stop_message = "completed", None
-        started = time.perf_counter()
+        started = self.session_started = time.perf_counter()
         window_start, window_steps = time.perf_counter(), 0
-        last_val_loss: float | None = None
-        last_train_loss = math.nan
         diagnostics = config.diagnostics
+        stop = StopOnSignal().install()  # SIGINT/SIGTERM: finish the step, then stop below
+        at_boundary = True  # False once an exception cut a step short: its state is half-done
         try:
             while self.step < config.train.max_steps:
+                if stop.requested:
+                    status = "interrupted"
+                    stop_message = f"stopped by {stop.name}; resume with: {resume_command(self.run_dir)}"
+                    break
                 step = self.step + 1
                 measure = {
                     "flips": diagnostics.flips
@@ -447,12 +475,11 @@ class Trainer:
                     continue
                 elapsed = time.perf_counter() - window_start
                 record = {"step": step, "train_loss": float(loss), **record}
-                last_train_loss = record["train_loss"]
                 if "grad_norm" in record:
                     record["grad_norm"] = float(record["grad_norm"])
                 record["tokens"] = step * tokens_per_step
                 record["tokens_per_s"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
-                record["elapsed_s"] = time.perf_counter() - started
+                record["elapsed_s"] = self.wall_time_before + time.perf_counter() - started
                 window_start, window_steps = time.perf_counter(), 0
                 if measure["flips"]:
                     record.update(self.tracker.pop_step_metrics())
@@ -489,32 +516,43 @@ class Trainer:
                 )
                 self._save_if_due()
         except BaseException as error:
-            status = "failed"
-            stop_message = f"{type(error).__name__}: {error}"
-            self.logger.event(self.step, "alert", f"run failed: {stop_message}")
+            # an exception may cut a step in half (amax histories, RNG, optimizer partly updated):
+            # that state is never saved; the last checkpoint written at a step boundary stands
+            at_boundary = False
+            interrupted = isinstance(error, KeyboardInterrupt)
+            status = "interrupted" if interrupted else "failed"
+            stop_message = f"{type(error).__name__}: {error}" if not interrupted else "KeyboardInterrupt"
+            self.logger.event(self.step, "alert", f"run {status}: {stop_message}")
             raise
         finally:
+            stop.uninstall()
             progress.close()
-            self.save()
-            summary = self._summary(status, last_train_loss, last_val_loss, time.perf_counter() - started)
+            if at_boundary:
+                self.save()
+            summary = self._summary(status, self.wall_time_before + time.perf_counter() - started)
+            summary["signal"] = stop.name if status == "interrupted" else None
             self.logger.event(
                 self.step,
                 "end",
                 f"{status} at step {self.step}" + (f": {stop_message}" if stop_message else ""),
             )
             self.logger.close()
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_json_atomic(self.run_dir / "summary.json", summary)
         return summary
 
-    def _summary(
-        self, status: str, train_loss: float, val_loss: float | None, wall_time: float
-    ) -> dict[str, Any]:
+    def _summary(self, status: str, wall_time: float) -> dict[str, Any]:
+        """Final figures; losses are the last ones in metrics.jsonl, so a resume keeps earlier ones."""
         flips = self.tracker.get_flip_counts()
         stalls = self.tracker.get_stall_ratios()
         metrics = _read_jsonl(self.run_dir / "metrics.jsonl")
-        stable = [r["stable_rank/min"] for r in metrics if "stable_rank/min" in r]
-        effective = [r["effective_rank/min"] for r in metrics if "effective_rank/min" in r]
-        speeds = [r["tokens_per_s"] for r in metrics if "tokens_per_s" in r]
+
+        def measured(key: str) -> list[float]:
+            return [r[key] for r in metrics if r.get(key) is not None]
+
+        stable, effective = measured("stable_rank/min"), measured("effective_rank/min")
+        speeds = measured("tokens_per_s")
+        train_losses = [r.get("train_loss") for r in metrics if "train_loss" in r]
+        val_loss = (measured("val_loss") or [None])[-1]
         nan_stop = status == "nan_stop"
         return {
             "name": self.config.name,
@@ -533,7 +571,7 @@ class Trainer:
                 else None
             ),
             "optimizer": self.config.optimizer.name,
-            "final_train_loss": train_loss,
+            "final_train_loss": train_losses[-1] if train_losses else None,
             "final_val_loss": val_loss,
             "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
             "final_val_ppl": math.exp(min(val_loss, 700.0)) if val_loss is not None else None,
@@ -564,20 +602,45 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 def _truncate_jsonl_after(path: Path, step: int) -> None:
     """Keep only the records up to ``step`` (a resume replays the rest)."""
     kept = [r for r in _read_jsonl(path) if r.get("step", 0) <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    write_text_atomic(path, "".join(dumps_strict(r) + "\n" for r in kept))
 
 
-def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
-    """Train one run and return its summary (also written to ``run_dir/summary.json``)."""
-    return Trainer(config, resume=resume).run()
+def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Train one run and return its summary (also written to ``run_dir/summary.json``).
+
+    ``overwrite`` replaces a run already in ``run_dir``; without it such a run is refused."""
+    return Trainer(config, resume=resume, overwrite=overwrite).run()
 
 
-def resume(run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Continue the run in ``run_dir`` from its latest checkpoint, with its saved config."""
+def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """The saved config of the run in ``run_dir`` with ``overrides`` applied."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"not a run folder (no config.yaml): {run_dir}")
-    data = apply_overrides(yaml.safe_load(config_path.read_text()), overrides or [])
+    data = read_yaml(config_path)
+    if not isinstance(data, dict):
+        raise FileNotFoundError(f"not a run folder ({config_path} is not a run config)")
+    data = apply_overrides(data, overrides or [])
     data["out_dir"], data["name"] = str(run_dir.parent), run_dir.name
-    return train(config_from_dict(data), resume=True)
+    return config_from_dict(data)
+
+
+def finished_summary(config: RunConfig) -> dict[str, Any] | None:
+    """The stored summary when the run has nothing left to do: completed at or past
+    ``train.max_steps``, or stopped on a non-finite value (training on from NaN weights means nothing)."""
+    try:
+        summary = json.loads((config.run_dir / "summary.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    done = summary.get("status") == "completed" and summary.get("steps", 0) >= config.train.max_steps
+    return summary if done or summary.get("status") == "nan_stop" else None
+
+
+def resume(run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` from its newest readable checkpoint, with its saved config.
+
+    A finished run (see ``finished_summary``) is left untouched and its stored summary returned;
+    ``--set train.max_steps=N`` with a larger N continues a completed run to step N."""
+    config = resume_config(run_dir, overrides)
+    return finished_summary(config) or train(config, resume=True)

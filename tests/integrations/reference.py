@@ -82,3 +82,9 @@ def check_flips(record: dict, expected: dict[str, tuple[int, int]]) -> None:
     for name, (flips, updates) in expected.items():
         assert (record[f"flips/{name}"], record[f"updates/{name}"]) == (flips, updates), name
     assert record["flips/total"] == sum(flips for flips, _ in expected.values())
+
+
+def at_amax_scale(model: torch.nn.Module) -> Callable[[], Weights]:
+    """Every weight matrix of ``model`` by layer name, at ``amax(|W|) / 448`` taken when called."""
+    matrices = {n.removesuffix(".weight"): p for n, p in model.named_parameters() if p.ndim >= 2}
+    return lambda: {name: (p, p.detach().abs().max() / E4M3_MAX) for name, p in matrices.items()}

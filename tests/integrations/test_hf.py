@@ -14,7 +14,14 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 
 from altgrad.integration import QuantPlan, quantize_model, quantized_layers  # noqa: E402
 from altgrad.integrations.hf import AltGradCallback  # noqa: E402
-from integrations.reference import ReferenceCount, check_flips, tiny_gpt2, tiny_llama, token_dataset  # noqa: E402
+from integrations.reference import (  # noqa: E402
+    ReferenceCount,
+    at_amax_scale,
+    check_flips,
+    tiny_gpt2,
+    tiny_llama,
+    token_dataset,
+)
 
 STEPS, LOG_EVERY, ACCUMULATE = 4, 2, 2
 
@@ -95,8 +102,7 @@ def test_quantized_gpt2_flips_equal_an_independent_count_per_optimizer_step(tmp_
 
 def test_unquantized_llama_with_format_counts_every_weight_matrix_at_its_amax_scale(tmp_path):
     model = tiny_llama()
-    matrices = {n.removesuffix(".weight"): p for n, p in model.named_parameters() if p.ndim >= 2}
-    reference = ReferenceCount(lambda: {n: (p, p.detach().abs().max() / 448) for n, p in matrices.items()})
+    reference = ReferenceCount(at_amax_scale(model))
     trainer = hf_trainer(model, tmp_path, [AltGradCallback(format="E4M3"), ReferenceCallback(reference)])
     trainer.train()
 
@@ -104,7 +110,7 @@ def test_unquantized_llama_with_format_counts_every_weight_matrix_at_its_amax_sc
     for record in logs:
         check_flips(record, reference.interval(record["step"] - LOG_EVERY + 1, record["step"]))
     assert sum(record["flips/total"] for record in logs) > 0
-    assert "model.layers.0.self_attn.q_proj" in matrices
+    assert "flips/model.layers.0.self_attn.q_proj" in logs[-1]
     assert not any(key.startswith("quant/") for key in logs[-1])  # nothing quantizes: no quant statistics
 
 

@@ -121,3 +121,13 @@ def test_unquantized_llama_with_format_counts_every_weight_matrix_at_its_amax_sc
     for i, record in enumerate(records):
         check_flips(record, module.reference.interval(i * LOG_EVERY + 1, (i + 1) * LOG_EVERY))
     assert sum(record["flips/total"] for record in records) > 0
+
+
+def test_counts_above_2_to_the_24_reach_the_logger_exactly(monkeypatch):
+    module = LitLM(tiny_llama())
+    module.reference = ReferenceCount(at_amax_scale(module))
+    callback = AltGradCallback(format="E4M3")
+    monkeypatch.setattr(callback.diagnostics, "record", lambda step: {"flips/total": 2**24 + 1})
+    records = logged_records(fit(module, callback))
+
+    assert [record["flips/total"] for record in records] == [2**24 + 1] * (STEPS // LOG_EVERY)

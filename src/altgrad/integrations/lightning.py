@@ -15,7 +15,8 @@ automatic optimization the step runs the closure (forward and backward) inside `
 with ``accumulate_grad_batches`` it comes once per accumulated batches. The scale of a quantized layer
 is the one of its latest forward before the step (for a closure step, the previous step's forward).
 Every ``trainer.log_every_n_steps`` optimizer steps the keys of docs/run_folder.md go to
-``pl_module.log_dict`` (on_step), so every logger writes them in the row of that step. Validation
+``pl_module.log_dict`` (on_step, as float64 tensors: counts stay exact), so every logger writes them
+in the row of that step. Validation
 forwards are kept out of the quant statistics.
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 
 from altgrad.quantization.flip_metrics import FormatLike
 
@@ -57,7 +59,12 @@ class AltGradCallback(pl.Callback):
         if step == self._recorded_step or every == 0 or step % every != 0:
             return
         self._recorded_step = step
-        pl_module.log_dict(self.diagnostics.record(step), on_step=True, on_epoch=False)
+        # float64: Lightning makes a number float32, which rounds counts above 2^24 (flips/total)
+        record = {
+            key: torch.tensor(value, dtype=torch.float64)
+            for key, value in self.diagnostics.record(step).items()
+        }
+        pl_module.log_dict(record, on_step=True, on_epoch=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.diagnostics.detach()

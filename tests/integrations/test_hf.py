@@ -86,6 +86,7 @@ def test_quantized_gpt2_flips_equal_an_independent_count_per_optimizer_step(tmp_
     assert [record["step"] for record in logs] == [2, 4]
     for record in logs:
         check_flips(record, reference.interval(record["step"] - LOG_EVERY + 1, record["step"]))
+        assert record["flip_steps"] == LOG_EVERY
     assert sum(record["flips/total"] for record in logs) > 0
     assert set(layers) == {"transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
                            "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj", "lm_head"}  # fmt: skip

@@ -107,6 +107,7 @@ def test_quantized_gpt2_flips_equal_an_independent_count_under_closure_steps():
     for i, record in enumerate(records):
         check_flips(record, module.reference.interval(i * LOG_EVERY + 1, (i + 1) * LOG_EVERY))
         assert "train_loss" in record  # in the row of the module's own step metrics
+        assert record["flip_steps"] == LOG_EVERY
     assert sum(record["flips/total"] for record in records) > 0
     keys = ("stall_ratio/mean", "quant/rel_error/weight", "quant/underflow_frac/grad", "effective_rank/mean")
     assert set(keys) <= set(records[-1])

@@ -19,6 +19,7 @@ Which weights, in which format, at which scale:
 What a record holds (``record()``, called at the host's log steps):
 
     flips/, updates/, drift_flips/   summed over the optimizer steps since the previous record
+    flip_steps                       how many optimizer steps those sums cover
     stall_ratio/                     1 - updated flips / updates of those sums
     flip_rate/, update_ulps/         per element and optimizer step
     quant/...                        over the training forwards and backwards since the previous record
@@ -136,7 +137,8 @@ class TrainingDiagnostics:
         if self.model is None:
             raise RuntimeError("record: call attach(model, optimizers) first")
         counts = self.tracker.pop_step_counts()
-        record = self.tracker.step_metrics(counts) if any(c["steps"] for c in counts.values()) else {}
+        steps = max((c["steps"] for c in counts.values()), default=0)
+        record = self.tracker.step_metrics(counts) | {"flip_steps": steps} if steps else {}
         record |= quant_stats_record({name: layer.read_stats() for name, layer in self.quantized.items()})
         if self.rank_monitor is not None:
             ranks = self.rank_monitor.compute_layer_ranks(self.model)

@@ -60,7 +60,7 @@ from altgrad.quantization.flip_metrics import (
     layer_name,
     torch_optimizer,
 )
-from altgrad.quantization.formats import FloatFormat, get_format
+from altgrad.quantization.formats import get_format
 from altgrad.quantization.rank_health import RankHealthMonitor
 from altgrad.quantization.scaling import compute_scale
 from altgrad.training.metrics import rank_stats
@@ -69,8 +69,9 @@ from altgrad.training.quant_metrics import quant_stats_record
 log = logging.getLogger("altgrad")
 
 
-def amax_scale(weight: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
-    """``amax(|W|) / max_finite`` as a float32 tensor (1 for a zero or non-finite amax); no host sync."""
+def amax_scale(weight: torch.Tensor, fmt: FormatLike) -> torch.Tensor:
+    """``amax(|W|) / max_finite`` of ``fmt`` as a float32 tensor (1 for a zero or non-finite amax); no
+    host sync."""
     return compute_scale(weight.detach().abs().amax(), fmt)
 
 
@@ -102,7 +103,7 @@ class TrainingDiagnostics:
         if not with_format and self.format is None:
             raise ValueError(
                 "format: the model has no QuantizedLinear with a weight format; pass a format (e.g. "
-                "format='E4M3') to track its 2-D weights at a per-tensor amax scale"
+                "format='E4M3') to track its weight matrices at a per-tensor amax scale"
             )
         # id(parameter) -> (layer name, its (format, scale) now)
         tracked: dict[int, tuple[str, Callable[[], FormatAndScale]]] = {}
@@ -138,7 +139,7 @@ class TrainingDiagnostics:
             raise RuntimeError("record: call attach(model, optimizers) first")
         counts = self.tracker.pop_step_counts()
         steps = max((c["steps"] for c in counts.values()), default=0)
-        record = self.tracker.step_metrics(counts) | {"flip_steps": steps} if steps else {}
+        record = (self.tracker.step_metrics(counts) | {"flip_steps": steps}) if steps else {}
         record |= quant_stats_record({name: layer.read_stats() for name, layer in self.quantized.items()})
         if self.rank_monitor is not None:
             ranks = self.rank_monitor.compute_layer_ranks(self.model)

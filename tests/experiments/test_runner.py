@@ -58,7 +58,7 @@ def test_runs_every_cell_and_writes_matrix_json(tmp_path, fakes):
     result = run_matrix(write_grid(tmp_path), run_cell=fakes.fake_cell)
     assert (result.completed, result.failed, result.skipped) == (7, 0, 0)
     matrix = read_matrix(tmp_path)
-    assert set(matrix) == {"cells", "axes", "base"}
+    assert set(matrix) == {"cells", "axes", "base", "engine"} and matrix["engine"] == "local"
     assert matrix["axes"]["quant.weight"] == ["E4M3", "E1M6", "E0M7"]
     assert matrix["base"]["model"]["n_embd"] == 32
     first, e0m7, baseline = matrix["cells"][0], matrix["cells"][4], matrix["cells"][-1]
@@ -71,6 +71,7 @@ def test_runs_every_cell_and_writes_matrix_json(tmp_path, fakes):
     assert baseline["name"] == "fp32" and baseline["baseline"] == "fp32"
     assert [call["resume"] for call in fakes.calls(tmp_path / "runs" / "m")] == [False] * 7
     assert sorted(os.listdir(tmp_path / "runs" / "m"))[:2] == ["E0M7-adamw", "E0M7-grid"]
+    assert not list((tmp_path / "runs" / "m").glob("*/cell.lock"))  # every cell lock released
 
 
 def test_finished_cells_are_skipped_and_interrupted_ones_resumed(tmp_path, fakes):

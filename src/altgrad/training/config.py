@@ -93,6 +93,7 @@ class TrainConfig(_Section):
     eval_interval: int = Field(50, ge=1)
     eval_batches: int = Field(10, ge=1)
     log_interval: int = Field(1, ge=1)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # see altgrad/training/device.py
 
 
 class OptimizerConfig(_Section):

@@ -52,6 +52,7 @@ from altgrad.versions import run_versions
 from .checkpoint import load_latest_valid, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, apply_overrides, config_from_dict, read_yaml, save_config
 from .data import BatchSampler, load_data
+from .device import resolve_device
 from .interrupt import StopOnSignal
 from .loggers import MetricsLogger
 from .metrics import compute_gradient_stats, rank_stats
@@ -116,7 +117,7 @@ class Trainer:
         self.run_dir = config.run_dir
         if not resume:
             refuse_existing_run(self.run_dir, overwrite)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(config.train.device)
         seed_everything(config.seed)
 
         self.data = load_data(**config.data.model_dump())

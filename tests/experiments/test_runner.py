@@ -251,3 +251,20 @@ def test_sigterm_to_the_runner_stops_its_workers_at_a_step_boundary(tmp_path):
     assert result.completed + result.skipped == 3 and result.failed == 0
     for cell in read_matrix(tmp_path)["cells"]:
         assert json.loads((matrix_dir / cell["name"] / "summary.json").read_text())["steps"] == 40
+
+
+def test_a_run_folder_differing_only_in_logging_keys_is_the_same_cell(tmp_path, fakes):
+    """Folders written before the grid set W&B group and tags (or with another progress setting)."""
+    grid = write_grid(tmp_path)
+    run_matrix(grid, run_cell=fakes.fake_cell)
+    saved = tmp_path / "runs" / "m" / "E4M3-adamw" / "config.yaml"
+    config = yaml.safe_load(saved.read_text())
+    config["logging"] = {"progress": True}
+    saved.write_text(yaml.safe_dump(config))
+    cell = runner.load_grid(grid).cells[0]
+    assert runner.plan_cell(cell) == ("skip", None)
+    config["train"]["max_steps"] = 6
+    saved.write_text(yaml.safe_dump(config))
+    assert (
+        runner.plan_cell(cell)[0] == "conflict" and "differs in train.max_steps)" in runner.plan_cell(cell)[1]
+    )

@@ -5,7 +5,8 @@ For each cell of the grid, in order:
 * ``summary.json`` says ``completed`` or ``nan_stop``: finished (a NaN stop is a result), skipped;
 * a checkpoint but no finished summary: interrupted (or failed), resumed from the checkpoint;
 * nothing yet: trained from scratch;
-* a run folder made by a different config (the grid changed): failed, naming the keys that differ.
+* a run folder made by a different config (the grid changed): failed, naming the keys that differ
+  (``logging.*`` keys excepted: they change no result).
 
 A cell that raises is recorded as ``failed`` with its error and the others go on. SIGINT or SIGTERM
 stops the matrix the way it stops a run: no new cell starts, running cells stop at a step boundary
@@ -102,7 +103,8 @@ def plan_cell(cell: Cell) -> tuple[str, str | None]:
         except (ConfigError, yaml.YAMLError) as error:
             return "conflict", f"{saved} is not a valid run config ({error}); delete {run_dir} to rerun it"
         now = _flatten(cell.config.to_dict())
-        changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
+        changed = sorted(key for key in before.keys() | now.keys()
+                         if before.get(key) != now.get(key) and not key.startswith("logging."))  # fmt: skip
         if changed:
             return "conflict", (
                 f"{run_dir} holds a run of a different config (differs in {', '.join(changed)}); "

@@ -195,6 +195,8 @@ class LoggingConfig(_Section):
     jsonl: bool = True
     wandb: Literal["disabled", "offline", "online"] = "disabled"
     wandb_project: str = "altgrad"
+    wandb_group: str | None = None  # a matrix sets its name here and each cell's settings as tags
+    wandb_tags: list[str] = Field(default_factory=list)
     tensorboard: bool = False
     progress: bool = True
 

@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from altgrad.integration import QuantizedLinear, QuantPlan, QuantRule, quantize_model, quantized_layers
 from altgrad.integration.quantized_linear import full_precision_forward
@@ -54,7 +53,7 @@ from .config import RunConfig, apply_overrides, config_from_dict, read_yaml, sav
 from .data import BatchSampler, load_data
 from .device import resolve_device
 from .interrupt import StopOnSignal
-from .loggers import MetricsLogger
+from .loggers import MetricsLogger, StepProgress
 from .metrics import compute_gradient_stats, rank_stats
 from .models import build_model
 from .optimizer import build_optimizer
@@ -175,6 +174,7 @@ class Trainer:
             tensorboard=config.logging.tensorboard,
             project=config.logging.wandb_project,
             config=config.to_dict(),
+            resume_step=self.step if resume else None,  # W&B resumes its run, TensorBoard purges replays
         )
 
     # ---- construction ------------------------------------------------------------------------------------
@@ -433,12 +433,8 @@ class Trainer:
             print(f"altgrad: warning: {warning}", file=sys.stderr)
             self.logger.event(self.step, "alert", warning)
         tokens_per_step = config.train.batch_size * config.model.block_size
-        progress = tqdm(
-            total=config.train.max_steps,
-            initial=self.step,
-            disable=not config.logging.progress,
-            desc=config.name,
-            dynamic_ncols=True,
+        progress = StepProgress(  # a bar on a terminal, plain lines in a log file
+            config.name, config.train.max_steps, self.step, config.logging.progress, config.train.log_interval
         )
         status, stop_message = "completed", None
         started = self.session_started = time.perf_counter()
@@ -509,12 +505,7 @@ class Trainer:
                 if self.last_clip is not None and (clip_event := self.last_clip.to_event()) is not None:
                     self.logger.event(**clip_event)
                 self.logger.log(record)
-                progress.update(self.step - progress.n)
-                progress.set_postfix(
-                    loss=f"{record['train_loss']:.3f}",
-                    tok_s=f"{record['tokens_per_s']:.0f}",
-                    stall=f"{record.get('stall_ratio/mean', math.nan):.3f}",
-                )
+                progress.show(step, record)
                 self._save_if_due()
         except BaseException as error:
             # an exception may cut a step in half (amax histories, RNG, optimizer partly updated):

@@ -93,6 +93,15 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_but_another_hosts_lock_is_
     assert CellLock.acquire(tmp_path / "far") is None
 
 
+def test_an_unreadable_lock_is_held_for_a_minute_then_stale(tmp_path):
+    (tmp_path / "cell").mkdir()
+    (tmp_path / "cell" / LOCK_NAME).write_text("")  # created, not yet written (or its owner died then)
+    assert CellLock.acquire(tmp_path / "cell") is None
+    old = time.time() - 61
+    os.utime(tmp_path / "cell" / LOCK_NAME, (old, old))
+    assert CellLock.acquire(tmp_path / "cell") is not None
+
+
 def test_release_leaves_a_lock_that_is_no_longer_this_ones(tmp_path):
     lock = CellLock.acquire(tmp_path / "cell")
     write_lock(tmp_path / "cell", os.getppid())  # taken over (as if this lock had been judged stale)

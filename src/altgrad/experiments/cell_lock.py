@@ -6,7 +6,8 @@ as JSON: ``{"host": ..., "pid": ..., "started": <unix time>, "token": <random>}`
 deletes it when the cell ends (also on an exception or a signal). A lock left by a process that died
 (``kill -9``, a lost node) is *stale*: on the same host it is detected by its pid (no such process)
 and taken over; a lock from another host cannot be checked from here, so it is reported with its
-path, and deleting that file (once that launch is gone) frees the cell.
+path, and deleting that file (once that launch is gone) frees the cell. An unreadable lock file
+(its owner died between creating and writing it) is stale after a minute.
 
 Example::
 
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 LOCK_NAME = "cell.lock"
+UNREADABLE_STALE_S = 60.0  # a lock file is written within microseconds of its creation
 
 
 def _alive(pid: int) -> bool:
@@ -48,13 +50,18 @@ def read_owner(run_dir: Path) -> dict[str, Any] | None:
         return json.loads((run_dir / LOCK_NAME).read_text())
     except FileNotFoundError:
         return None
-    except (json.JSONDecodeError, UnicodeDecodeError):  # being written this instant: a live owner
-        return {"host": "?", "pid": -1, "started": time.time(), "token": ""}
+    except (json.JSONDecodeError, UnicodeDecodeError):  # being written this instant, or its owner died then
+        with contextlib.suppress(FileNotFoundError):
+            return {"host": "?", "pid": -1, "started": (run_dir / LOCK_NAME).stat().st_mtime, "token": ""}
+        return None
 
 
 def is_stale(owner: dict[str, Any]) -> bool:
-    """A lock whose owner is a dead process on this host (a lock from another host is never stale here)."""
-    if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int) or owner["pid"] < 0:
+    """A lock whose owner is a dead process on this host (a lock from another host is never stale
+    here), or an unreadable lock older than ``UNREADABLE_STALE_S`` (its owner died while writing it)."""
+    if owner.get("pid") == -1:
+        return time.time() - owner.get("started", 0) > UNREADABLE_STALE_S
+    if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
         return False
     return owner["pid"] == os.getpid() or not _alive(owner["pid"])  # our own pid: a reused one
 

@@ -31,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import multiprocessing
@@ -139,10 +140,13 @@ def _merge_matrix_json(grid: Grid, records: list[dict[str, Any]], owned: set[int
     """Write matrix.json with this launch's records for the cells it ``owned`` (planned or locked) and,
     for the others, the records another launch (a shard, a concurrent launch) left in the file.
 
-    The read-merge-write is serialized between launches by ``flock`` on ``matrix.json.lock``."""
+    The read-merge-write is serialized between launches by ``flock`` on ``matrix.json.lock`` where
+    the file system has it (Lustre without ``-o flock`` has not: then two launches writing at the same
+    instant can lose one update, which the next write of that launch repairs)."""
     grid.matrix_dir.mkdir(parents=True, exist_ok=True)
     with open(grid.matrix_dir / "matrix.json.lock", "a") as guard:
-        fcntl.flock(guard, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):
+            fcntl.flock(guard, fcntl.LOCK_EX)
         try:
             before = json.loads((grid.matrix_dir / "matrix.json").read_text()).get("cells", [])
             on_disk = {
@@ -257,11 +261,14 @@ def _init_worker(threads: int, stopping: Any, counter: Any) -> None:
 
 
 def _stop_when_set(stopping: Any) -> None:
-    """In a worker: once the runner stops, SIGTERM this process every half second until it exits.
+    """In a worker: once the runner stops (or dies: its cell locks are then stale, and another launch
+    may take the cells over), SIGTERM this process every half second until it exits.
 
     A running cell stops at its next step boundary (repeated SIGTERMs change nothing), an idle worker
     ignores them. A signal sent to the runner alone does not reach its workers; this passes it on."""
-    stopping.wait()
+    runner_pid = os.getppid()
+    while not stopping.wait(1.0) and os.getppid() == runner_pid:
+        pass
     while True:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.5)
@@ -292,12 +299,12 @@ def run_matrix(
         result.skipped = sum(plan_cell(cell)[0] == "skip" for cell in grid.cells)
         return result
 
-    records, todo, owned = [], [], set()
+    records, todo, owned, selection = [], [], set(), set(selected)
     for i, cell in enumerate(grid.cells):
         action, why = plan_cell(cell)
         status = {"skip": "completed", "conflict": "failed"}.get(action, "pending")
         records.append(_record(cell, status, why))
-        if i not in selected:
+        if i not in selection:
             continue
         if action in ("skip", "conflict"):  # facts of the folder: this launch writes them
             owned.add(i)

@@ -1,9 +1,11 @@
 """Launches that share a grid: cell locks, --shard, --cell, --list --json, and --jobs GPU placement."""
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -271,3 +273,55 @@ def test_each_pool_worker_takes_the_next_index_and_sets_its_gpu(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert place_worker(counter) is None and chosen == [0, 1, 0, 1, 0]
+
+
+def test_workers_of_a_killed_runner_stop_and_the_next_launch_takes_their_cells_over(tmp_path, fakes):
+    """kill -9 of a --jobs 2 runner: its workers stop at a step boundary with a checkpoint (their
+    runner's locks are now stale), and a new launch takes the cells over and resumes them."""
+    base = {
+        "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 8},
+        "train": {
+            "max_steps": 300,
+            "batch_size": 2,
+            "warmup_steps": 1,
+            "eval_interval": 300,
+            "eval_batches": 1,
+        },
+        "checkpoint": {"interval": 1000},
+        "logging": {"progress": False},
+    }
+    grid = write_grid(tmp_path, base=base, axes={"quant.weight": ["E4M3", "E5M2"]}, baselines={})
+    env = {**os.environ, "PYTHONPATH": str(SRC), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "altgrad", "matrix", str(grid), "--jobs", "2"]
+    runner_process = subprocess.Popen(command, env=env, start_new_session=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    group = runner_process.pid  # the runner and its workers
+    matrix_dir = tmp_path / "runs" / "m"
+    try:
+        deadline = time.monotonic() + 180
+        while sum(path.is_file() for path in matrix_dir.glob("*/metrics.jsonl")) < 2:
+            assert runner_process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        runner_process.kill()
+        runner_process.wait()
+        while True:  # the orphaned workers exit on their own
+            try:
+                os.killpg(group, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() < deadline + 60, "the workers of a killed runner kept running"
+            time.sleep(0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+    for cell in ("E4M3", "E5M2"):
+        summary = json.loads((matrix_dir / cell / "summary.json").read_text())
+        assert (summary["status"], summary["signal"]) == ("interrupted", "SIGTERM") and summary["steps"] < 300
+        assert held_by_other(matrix_dir / cell) is None  # stale: its owner, the runner, is dead
+
+    result = run_matrix(grid, run_cell=fakes.fake_cell)  # no need to train the rest: who runs what
+    assert (result.completed, result.failed, result.elsewhere) == (2, 0, {})
+    assert sorted((call["name"], call["resume"]) for call in fakes.calls(matrix_dir)) == [
+        ("E4M3", True), ("E5M2", True)
+    ]  # fmt: skip
+    assert not list(matrix_dir.glob(f"*/{LOCK_NAME}"))

@@ -59,6 +59,7 @@ from .cell_lock import CellLock, describe_owner, held_by_other
 from .grid import Cell, Grid, format_assignment, load_grid
 
 FINISHED = ("completed", "nan_stop")
+_running_cell = threading.Event()  # set while this process runs a cell (a pool worker's watcher reads it)
 RunCell = Callable[[dict[str, Any], bool], dict[str, Any]]
 
 
@@ -220,10 +221,13 @@ def describe_grid(grid: Grid) -> str:
 
 def _run_one(run_cell: RunCell, config: dict[str, Any], resume: bool) -> tuple[str, str | None, str | None]:
     """Run one cell: ``(status in matrix.json, error, signal)``; a cell stopped by a signal is pending."""
+    _running_cell.set()
     try:
         summary = run_cell(config, resume)
     except Exception as error:
         return "failed", f"{type(error).__name__}: {error}", None
+    finally:
+        _running_cell.clear()
     status = summary.get("status") if isinstance(summary, dict) else None
     if status == "interrupted":
         return "pending", None, summary.get("signal")
@@ -267,8 +271,12 @@ def _stop_when_set(stopping: Any) -> None:
     A running cell stops at its next step boundary (repeated SIGTERMs change nothing), an idle worker
     ignores them. A signal sent to the runner alone does not reach its workers; this passes it on."""
     runner_pid = os.getppid()
-    while not stopping.wait(1.0) and os.getppid() == runner_pid:
-        pass
+    while not stopping.wait(1.0):
+        if os.getppid() != runner_pid:  # the runner is gone: stop the cell, then this orphaned worker
+            while _running_cell.is_set():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.5)
+            os._exit(1)
     while True:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.5)

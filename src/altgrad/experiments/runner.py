@@ -16,11 +16,19 @@ runner alone is passed on to them), they are left ``pending`` and a rerun resume
 
     {"cells": [{"name": "E4M3-adamw-s0", "assignment": {"quant.weight": "E4M3", "seed": 0, ...},
                 "baseline": null, "status": "completed", "error": null, "equivalent_to": null}, ...],
-     "axes": {"quant.weight": ["E5M2", "E4M3"], ...}, "base": {...the resolved base config...}}
+     "axes": {"quant.weight": ["E5M2", "E4M3"], ...}, "base": {...the resolved base config...},
+     "engine": "local"}
 
 ``status`` is ``pending``, ``running``, ``completed`` (the run's own summary.json tells completed from
 nan_stop) or ``failed``. ``jobs > 1`` runs cells in that many spawned processes, each with
-``torch.set_num_threads(max(1, cores // jobs))``; ``run_cell`` must then be a module-level function.
+``torch.set_num_threads(max(1, cores // jobs))`` and worker k on ``cuda:(k mod GPUs)``; ``run_cell``
+must then be a module-level function. A worker whose runner dies stops its cell and exits.
+
+Several launches may share a grid (terminals, nodes, Slurm array tasks): a cell runs only under its
+lock (``cell_lock.py``), taken just before it starts, and is planned again under the lock; a launch
+skips the cells another one holds and at the end reports those still held (``MatrixResult.elsewhere``).
+Each launch writes matrix.json entries for the cells it planned or ran and keeps the others' entries.
+``shard=(K, N)`` and ``cells`` select a deterministic subset (``select_cells``).
 
 Example::
 

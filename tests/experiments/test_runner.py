@@ -268,3 +268,17 @@ def test_a_run_folder_differing_only_in_logging_keys_is_the_same_cell(tmp_path, 
     assert (
         runner.plan_cell(cell)[0] == "conflict" and "differs in train.max_steps)" in runner.plan_cell(cell)[1]
     )
+
+
+def test_without_matrix_json_the_report_does_not_take_wandb_tags_for_an_axis(tmp_path, fakes):
+    from altgrad.analysis.matrix import load_matrix
+
+    run_matrix(write_grid(tmp_path, baselines={}), run_cell=fakes.fake_cell)
+    (tmp_path / "runs" / "m" / "matrix.json").unlink()
+    cells = load_matrix(tmp_path / "runs" / "m").cells
+    assert len(cells) == 6
+    assert {key for cell in cells for key in cell.assignment} == {
+        "quant.weight",
+        "quant.activation",
+        "optimizer.name",
+    }

@@ -303,3 +303,17 @@ def test_shipped_grids_have_at_least_three_seeds():
     for path in sorted(Path("experiments").glob("*.yaml")):
         seeds = yaml.safe_load(path.read_text())["axes"]["seed"]
         assert len(seeds) >= 3, f"{path}: {seeds}"
+
+
+def test_cells_log_to_wandb_grouped_by_matrix_and_tagged_with_their_settings():
+    g = grid(
+        axes={"quant.weight": ["E4M3", "E1M6", "E0M7"], "seed": [0]},
+        baselines={"fp32": {"quant.enabled": False}},
+    )
+    cell, baseline = g.cells[0], g.cells[-1]
+    assert (cell.config.logging.wandb_group, cell.config.logging.wandb_tags) == (
+        "m",
+        ["quant.weight=E4M3", "seed=0"],
+    )
+    assert baseline.config.logging.wandb_tags == ["quant.enabled=false", "seed=0"]
+    assert g.cells[2].equivalent_to == "E1M6-s0"  # the tags differ; the logging keys change no result

@@ -58,7 +58,7 @@ def test_runs_every_cell_and_writes_matrix_json(tmp_path, fakes):
     result = run_matrix(write_grid(tmp_path), run_cell=fakes.fake_cell)
     assert (result.completed, result.failed, result.skipped) == (7, 0, 0)
     matrix = read_matrix(tmp_path)
-    assert set(matrix) == {"cells", "axes", "base"}
+    assert set(matrix) == {"cells", "axes", "base", "engine"} and matrix["engine"] == "local"
     assert matrix["axes"]["quant.weight"] == ["E4M3", "E1M6", "E0M7"]
     assert matrix["base"]["model"]["n_embd"] == 32
     first, e0m7, baseline = matrix["cells"][0], matrix["cells"][4], matrix["cells"][-1]
@@ -71,6 +71,7 @@ def test_runs_every_cell_and_writes_matrix_json(tmp_path, fakes):
     assert baseline["name"] == "fp32" and baseline["baseline"] == "fp32"
     assert [call["resume"] for call in fakes.calls(tmp_path / "runs" / "m")] == [False] * 7
     assert sorted(os.listdir(tmp_path / "runs" / "m"))[:2] == ["E0M7-adamw", "E0M7-grid"]
+    assert not list((tmp_path / "runs" / "m").glob("*/cell.lock"))  # every cell lock released
 
 
 def test_finished_cells_are_skipped_and_interrupted_ones_resumed(tmp_path, fakes):
@@ -250,3 +251,34 @@ def test_sigterm_to_the_runner_stops_its_workers_at_a_step_boundary(tmp_path):
     assert result.completed + result.skipped == 3 and result.failed == 0
     for cell in read_matrix(tmp_path)["cells"]:
         assert json.loads((matrix_dir / cell["name"] / "summary.json").read_text())["steps"] == 40
+
+
+def test_a_run_folder_differing_only_in_logging_keys_is_the_same_cell(tmp_path, fakes):
+    """Folders written before the grid set W&B group and tags (or with another progress setting)."""
+    grid = write_grid(tmp_path)
+    run_matrix(grid, run_cell=fakes.fake_cell)
+    saved = tmp_path / "runs" / "m" / "E4M3-adamw" / "config.yaml"
+    config = yaml.safe_load(saved.read_text())
+    config["logging"] = {"progress": True}
+    saved.write_text(yaml.safe_dump(config))
+    cell = runner.load_grid(grid).cells[0]
+    assert runner.plan_cell(cell) == ("skip", None)
+    config["train"]["max_steps"] = 6
+    saved.write_text(yaml.safe_dump(config))
+    assert (
+        runner.plan_cell(cell)[0] == "conflict" and "differs in train.max_steps)" in runner.plan_cell(cell)[1]
+    )
+
+
+def test_without_matrix_json_the_report_does_not_take_wandb_tags_for_an_axis(tmp_path, fakes):
+    from altgrad.analysis.matrix import load_matrix
+
+    run_matrix(write_grid(tmp_path, baselines={}), run_cell=fakes.fake_cell)
+    (tmp_path / "runs" / "m" / "matrix.json").unlink()
+    cells = load_matrix(tmp_path / "runs" / "m").cells
+    assert len(cells) == 6
+    assert {key for cell in cells for key in cell.assignment} == {
+        "quant.weight",
+        "quant.activation",
+        "optimizer.name",
+    }

@@ -40,7 +40,9 @@ MASTER_STORAGES = (None, "none", "fp32")
 """``optimizer.weight_storage`` values that keep an fp32 master copy of the weights."""
 ON_GRID = "on grid (grid optimizer)"
 """The storage of GridOptim, which keeps its weights on the format's grid (it takes no weight_storage)."""
-IDENTITY_LEAVES = ("name", "run_name", "out_dir", "output_dir", "run_dir", "dir", "path", "root")
+IDENTITY_LEAVES = (
+    "name", "run_name", "out_dir", "output_dir", "run_dir", "dir", "path", "root", "wandb_group", "wandb_tags"
+)  # fmt: skip
 """Config leaves that name or locate a run rather than describe it; never treated as matrix axes."""
 
 

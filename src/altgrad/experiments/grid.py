@@ -29,7 +29,9 @@ grid can sweep settings whose meaningful range differs between the values of ano
 
 A value is set at its key path in the base config; a mapping value is merged into the mapping already
 there, anything else (a list included) replaces it. Exclude entries name compound values by label.
-Every cell runs with ``logging.progress`` off (the matrix shows one bar over cells).
+Every cell runs with ``logging.progress`` off (the matrix shows one bar over cells), and with
+``logging.wandb_group`` the matrix name and ``logging.wandb_tags`` its settings (``quant.weight=E4M3``):
+the logging keys are no part of a cell's identity (equivalence, include de-duplication, resume).
 
 Cell names join one short token per axis in axis order: strings as they are, numbers prefixed by the
 key's last part (``seed`` -> ``s0``, ``train.lr`` -> ``lr0.001``), compound values by label, all
@@ -185,7 +187,7 @@ def _quant_formats(config: RunConfig) -> list[str | None]:
 
 def _equivalence_key(config: RunConfig) -> str:
     data = config.to_dict()
-    del data["name"]
+    del data["name"], data["logging"]
     quant = data["quant"]
     if not quant["enabled"]:
         data["quant"] = {"enabled": False}
@@ -315,6 +317,8 @@ def expand_grid(spec: dict[str, Any], root: Path = Path("."), default_name: str 
                 assignment[part] = value.label
         data.update(name=cell_name, out_dir=str(matrix_dir))
         _set(data, "logging.progress", False)
+        _set(data, "logging.wandb_group", name)
+        _set(data, "logging.wandb_tags", [format_assignment({k: v})[:64] for k, v in assignment.items()])
         return config_from_dict(data), assignment
 
     def make_cell(settings: dict[str, _Value], tokens: list[str], baseline: str | None = None) -> Cell:
@@ -382,7 +386,7 @@ def expand_grid(spec: dict[str, Any], root: Path = Path("."), default_name: str 
 
 def _without_name(config: RunConfig) -> str:
     data = config.to_dict()
-    del data["name"]
+    del data["name"], data["logging"]  # logging (W&B tags name the settings) changes no result
     return repr(data)
 
 

@@ -5,7 +5,8 @@ For each cell of the grid, in order:
 * ``summary.json`` says ``completed`` or ``nan_stop``: finished (a NaN stop is a result), skipped;
 * a checkpoint but no finished summary: interrupted (or failed), resumed from the checkpoint;
 * nothing yet: trained from scratch;
-* a run folder made by a different config (the grid changed): failed, naming the keys that differ.
+* a run folder made by a different config (the grid changed): failed, naming the keys that differ
+  (``logging.*`` keys excepted: they change no result).
 
 A cell that raises is recorded as ``failed`` with its error and the others go on. SIGINT or SIGTERM
 stops the matrix the way it stops a run: no new cell starts, running cells stop at a step boundary
@@ -15,11 +16,19 @@ runner alone is passed on to them), they are left ``pending`` and a rerun resume
 
     {"cells": [{"name": "E4M3-adamw-s0", "assignment": {"quant.weight": "E4M3", "seed": 0, ...},
                 "baseline": null, "status": "completed", "error": null, "equivalent_to": null}, ...],
-     "axes": {"quant.weight": ["E5M2", "E4M3"], ...}, "base": {...the resolved base config...}}
+     "axes": {"quant.weight": ["E5M2", "E4M3"], ...}, "base": {...the resolved base config...},
+     "engine": "local"}
 
 ``status`` is ``pending``, ``running``, ``completed`` (the run's own summary.json tells completed from
 nan_stop) or ``failed``. ``jobs > 1`` runs cells in that many spawned processes, each with
-``torch.set_num_threads(max(1, cores // jobs))``; ``run_cell`` must then be a module-level function.
+``torch.set_num_threads(max(1, cores // jobs))`` and worker k on ``cuda:(k mod GPUs)``; ``run_cell``
+must then be a module-level function. A worker whose runner dies stops its cell and exits.
+
+Several launches may share a grid (terminals, nodes, Slurm array tasks): a cell runs only under its
+lock (``cell_lock.py``), taken just before it starts, and is planned again under the lock; a launch
+skips the cells another one holds and at the end reports those still held (``MatrixResult.elsewhere``).
+Each launch writes matrix.json entries for the cells it planned or ran and keeps the others' entries.
+``shard=(K, N)`` and ``cells`` select a deterministic subset (``select_cells``).
 
 Example::
 
@@ -30,10 +39,14 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import multiprocessing
 import os
+import re
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -50,9 +63,11 @@ from altgrad.training.checkpoint import latest_checkpoint
 from altgrad.training.config import ConfigError, config_from_dict
 from altgrad.training.interrupt import StopOnSignal
 
+from .cell_lock import CellLock, describe_owner, held_by_other
 from .grid import Cell, Grid, format_assignment, load_grid
 
 FINISHED = ("completed", "nan_stop")
+_running_cell = threading.Event()  # set while this process runs a cell (a pool worker's watcher reads it)
 RunCell = Callable[[dict[str, Any], bool], dict[str, Any]]
 
 
@@ -67,6 +82,7 @@ class MatrixResult:
     skipped: int = 0
     cells: list[dict[str, Any]] = field(default_factory=list)
     interrupted_by: str | None = None
+    elsewhere: dict[str, str] = field(default_factory=dict)  # cell -> who holds it, or why it is left
 
 
 def train_cell(config: dict[str, Any], resume: bool) -> dict[str, Any]:
@@ -97,7 +113,8 @@ def plan_cell(cell: Cell) -> tuple[str, str | None]:
         except (ConfigError, yaml.YAMLError) as error:
             return "conflict", f"{saved} is not a valid run config ({error}); delete {run_dir} to rerun it"
         now = _flatten(cell.config.to_dict())
-        changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
+        changed = sorted(key for key in before.keys() | now.keys()
+                         if before.get(key) != now.get(key) and not key.startswith("logging."))  # fmt: skip
         if changed:
             return "conflict", (
                 f"{run_dir} holds a run of a different config (differs in {', '.join(changed)}); "
@@ -124,8 +141,70 @@ def _record(cell: Cell, status: str, error: str | None = None) -> dict[str, Any]
 def write_matrix_json(grid: Grid, records: list[dict[str, Any]]) -> Path:
     """Write ``<matrix_dir>/matrix.json`` atomically: a reader never sees a half-written file."""
     grid.matrix_dir.mkdir(parents=True, exist_ok=True)
-    document = {"cells": records, "axes": grid.axes, "base": grid.base.to_dict()}
+    document = {"cells": records, "axes": grid.axes, "base": grid.base.to_dict(), "engine": "local"}
     return write_json_atomic(grid.matrix_dir / "matrix.json", document)
+
+
+def _merge_matrix_json(grid: Grid, records: list[dict[str, Any]], owned: set[int]) -> None:
+    """Write matrix.json with this launch's records for the cells it ``owned`` (planned or locked) and,
+    for the others, the records another launch (a shard, a concurrent launch) left in the file.
+
+    The read-merge-write is serialized between launches by ``flock`` on ``matrix.json.lock`` where
+    the file system has it (Lustre without ``-o flock`` has not: then two launches writing at the same
+    instant can lose one update, which the next write of that launch repairs)."""
+    grid.matrix_dir.mkdir(parents=True, exist_ok=True)
+    with open(grid.matrix_dir / "matrix.json.lock", "a") as guard:
+        with contextlib.suppress(OSError):
+            fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            before = json.loads((grid.matrix_dir / "matrix.json").read_text()).get("cells", [])
+            on_disk = {
+                entry["name"]: entry for entry in before if isinstance(entry, dict) and "name" in entry
+            }
+        except (FileNotFoundError, json.JSONDecodeError, AttributeError):
+            on_disk = {}
+        merged = [
+            record if i in owned or record["name"] not in on_disk else on_disk[record["name"]]
+            for i, record in enumerate(records)
+        ]
+        write_matrix_json(grid, merged)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` -> ``(K, N)``; K is 0-based (0 <= K < N): shard K runs cells K, K+N, K+2N, ... in grid order.
+
+    For a Slurm array ``--array=0-(N-1)``: ``--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not 0 <= int(match[1]) < int(match[2]):
+        raise ValueError(
+            f"--shard: expected K/N with 0 <= K < N (K is 0-based, as SLURM_ARRAY_TASK_ID of "
+            f"--array=0-(N-1)), got {text!r}"
+        )
+    return int(match[1]), int(match[2])
+
+
+def select_cells(
+    grid: Grid, shard: tuple[int, int] | None = None, names: list[str] | None = None
+) -> list[int]:
+    """The indices (grid order) of the cells named in ``names`` (all when empty) that fall in ``shard``."""
+    known = {cell.name: i for i, cell in enumerate(grid.cells)}
+    unknown = [name for name in names or [] if name not in known]
+    if unknown:
+        raise ValueError(
+            f"--cell: no cell named {', '.join(map(repr, unknown))} in {grid.name}; "
+            "list the cells with: altgrad matrix GRID --list"
+        )
+    indices = sorted({known[name] for name in names}) if names else list(range(len(grid.cells)))
+    return [i for i in indices if shard is None or i % shard[1] == shard[0]]
+
+
+def cell_status(cell: Cell) -> dict[str, Any]:
+    """What the cell's folder says now: matrix.json's fields (status ``running`` while another launch
+    holds its lock), the ``plan`` (skip, resume, run, conflict) and ``locked_by`` (the lock's owner)."""
+    action, why = plan_cell(cell)
+    owner = held_by_other(cell.run_dir)
+    status = "running" if owner else {"skip": "completed", "conflict": "failed"}.get(action, "pending")
+    return _record(cell, status, why) | {"plan": action, "locked_by": owner}
 
 
 def describe_grid(grid: Grid) -> str:
@@ -150,10 +229,13 @@ def describe_grid(grid: Grid) -> str:
 
 def _run_one(run_cell: RunCell, config: dict[str, Any], resume: bool) -> tuple[str, str | None, str | None]:
     """Run one cell: ``(status in matrix.json, error, signal)``; a cell stopped by a signal is pending."""
+    _running_cell.set()
     try:
         summary = run_cell(config, resume)
     except Exception as error:
         return "failed", f"{type(error).__name__}: {error}", None
+    finally:
+        _running_cell.clear()
     status = summary.get("status") if isinstance(summary, dict) else None
     if status == "interrupted":
         return "pending", None, summary.get("signal")
@@ -162,21 +244,47 @@ def _run_one(run_cell: RunCell, config: dict[str, Any], resume: bool) -> tuple[s
     return "failed", f"the run ended with status {status!r}", None
 
 
-def _init_worker(threads: int, stopping: Any) -> None:
+def worker_gpu(index: int, gpu_count: int) -> int | None:
+    """The GPU of pool worker ``index``: ``index mod gpu_count`` (None without a GPU)."""
+    return index % gpu_count if gpu_count > 0 else None
+
+
+def place_worker(counter: Any) -> int | None:
+    """In a pool worker: take the next worker index from the shared ``counter`` and make
+    ``cuda:(index mod GPUs)`` the current device (``train.device`` auto or cuda trains there)."""
+    import torch
+
+    with counter.get_lock():
+        index, counter.value = counter.value, counter.value + 1
+    gpu = worker_gpu(index, torch.cuda.device_count())
+    if gpu is not None:
+        torch.cuda.set_device(gpu)
+    return gpu
+
+
+def _init_worker(threads: int, stopping: Any, counter: Any) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    place_worker(counter)
     for signum in (signal.SIGINT, signal.SIGTERM):  # an idle worker ignores them; a run handles its own
         signal.signal(signum, signal.SIG_IGN)
     threading.Thread(target=_stop_when_set, args=(stopping,), daemon=True).start()
 
 
 def _stop_when_set(stopping: Any) -> None:
-    """In a worker: once the runner stops, SIGTERM this process every half second until it exits.
+    """In a worker: once the runner stops (or dies: its cell locks are then stale, and another launch
+    may take the cells over), SIGTERM this process every half second until it exits.
 
     A running cell stops at its next step boundary (repeated SIGTERMs change nothing), an idle worker
     ignores them. A signal sent to the runner alone does not reach its workers; this passes it on."""
-    stopping.wait()
+    runner_pid = os.getppid()
+    while not stopping.wait(1.0):
+        if os.getppid() != runner_pid:  # the runner is gone: stop the cell, then this orphaned worker
+            while _running_cell.is_set():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.5)
+            os._exit(1)
     while True:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.5)
@@ -187,12 +295,19 @@ def _cores() -> int:
 
 
 def run_matrix(
-    grid_path: str | Path, jobs: int = 1, dry_run: bool = False, run_cell: RunCell | None = None
+    grid_path: str | Path,
+    jobs: int = 1,
+    dry_run: bool = False,
+    run_cell: RunCell | None = None,
+    shard: tuple[int, int] | None = None,
+    cells: list[str] | None = None,
 ) -> MatrixResult:
-    """Expand the grid and run every unfinished cell; ``dry_run`` prints the cells and runs nothing."""
+    """Expand the grid and run every unfinished cell of the selection (``shard``, ``cells``: see
+    ``select_cells``) that no other launch holds; ``dry_run`` prints the cells and runs nothing."""
     if jobs < 1:
         raise ValueError(f"jobs: expected a positive number of parallel runs, got {jobs}")
     grid = load_grid(grid_path)
+    selected = select_cells(grid, shard, cells)
     run_cell = run_cell or train_cell
     result = MatrixResult(grid.matrix_dir)
     if dry_run:
@@ -200,27 +315,53 @@ def run_matrix(
         result.skipped = sum(plan_cell(cell)[0] == "skip" for cell in grid.cells)
         return result
 
-    records, todo = [], []
+    records, todo, owned, selection = [], [], set(), set(selected)
     for i, cell in enumerate(grid.cells):
         action, why = plan_cell(cell)
         status = {"skip": "completed", "conflict": "failed"}.get(action, "pending")
         records.append(_record(cell, status, why))
+        if i not in selection:
+            continue
+        if action in ("skip", "conflict"):  # facts of the folder: this launch writes them
+            owned.add(i)
         result.skipped += action == "skip"
         result.failed += action == "conflict"
         if action in ("resume", "run"):
-            todo.append((i, action == "resume"))
+            todo.append(i)
     result.cells = records
-    write_matrix_json(grid, records)
-    progress = tqdm(total=len(records), initial=result.skipped + result.failed, desc=grid.name, unit="cell")
+    _merge_matrix_json(grid, records, owned)
+    tty = sys.stderr.isatty()
+    progress = tqdm(total=len(selected), initial=result.skipped + result.failed, desc=grid.name, unit="cell",
+                    disable=not tty)  # fmt: skip
+    locks: dict[int, CellLock] = {}
+    elsewhere: list[int] = []  # cells another launch held when this one came to them
 
-    def start(i: int) -> None:
+    def claim(i: int) -> bool | None:
+        """Lock cell i and plan it again (another launch may have finished it): resume?, or None."""
+        lock = CellLock.acquire(grid.cells[i].run_dir)
+        if lock is None:
+            elsewhere.append(i)
+            return None
+        action, why = plan_cell(grid.cells[i])
+        if action in ("skip", "conflict"):
+            lock.release()
+            owned.add(i)
+            records[i] = _record(grid.cells[i], "completed" if action == "skip" else "failed", why)
+            result.skipped += action == "skip"
+            result.failed += action == "conflict"
+            progress.update()
+            return None
+        locks[i] = lock
+        owned.add(i)
         records[i] = _record(grid.cells[i], "running")
-        write_matrix_json(grid, records)
+        _merge_matrix_json(grid, records, owned)
+        return action == "resume"
 
     def finish(i: int, outcome: tuple[str, str | None, str | None]) -> None:
         status, error, stopped_by = outcome
         records[i] = _record(grid.cells[i], status, error)
-        write_matrix_json(grid, records)
+        _merge_matrix_json(grid, records, owned)
+        locks.pop(i).release()
         result.completed += status == "completed"
         result.failed += status == "failed"
         result.interrupted_by = result.interrupted_by or stopped_by
@@ -229,28 +370,35 @@ def run_matrix(
         if status != "pending":
             progress.update()
         progress.set_postfix(failed=result.failed)
+        if not tty:  # a log file gets one plain line per cell instead of a bar
+            done = result.completed + result.failed + result.skipped
+            print(f"{grid.name}: cell {grid.cells[i].name} {status} ({done}/{len(selected)} cells)",
+                  file=sys.stderr, flush=True)  # fmt: skip
 
     # SIGINT/SIGTERM between cells: start no new cell (a running cell stops itself at a step boundary)
     stop = StopOnSignal().install()
     try:
         if jobs == 1:
-            for i, resume in todo:
+            for i in todo:
                 if stop.requested or result.interrupted_by:
                     break
-                start(i)
-                finish(i, _run_one(run_cell, grid.cells[i].config.to_dict(), resume))
+                resume = claim(i)
+                if resume is not None:
+                    finish(i, _run_one(run_cell, grid.cells[i].config.to_dict(), resume))
         else:
             spawn, threads = multiprocessing.get_context("spawn"), max(1, _cores() // jobs)
-            stopping = spawn.Event()
+            stopping, counter = spawn.Event(), spawn.Value("i", 0)
             with ProcessPoolExecutor(
-                jobs, mp_context=spawn, initializer=_init_worker, initargs=(threads, stopping)
+                jobs, mp_context=spawn, initializer=_init_worker, initargs=(threads, stopping, counter)
             ) as pool:
                 queue, running = list(reversed(todo)), {}
                 while queue or running:
                     while queue and len(running) < jobs and not stop.requested:
-                        i, resume = queue.pop()
-                        start(i)
-                        running[pool.submit(_run_one, run_cell, grid.cells[i].config.to_dict(), resume)] = i
+                        i = queue.pop()
+                        resume = claim(i)
+                        if resume is not None:
+                            config = grid.cells[i].config.to_dict()
+                            running[pool.submit(_run_one, run_cell, config, resume)] = i
                     if not running:
                         break
                     done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
@@ -269,9 +417,31 @@ def run_matrix(
         stop.uninstall()
         result.interrupted_by = result.interrupted_by or stop.name
         progress.close()
-        if any(record["status"] == "running" for record in records):  # interrupted: left to resume
-            for i, record in enumerate(records):
-                if record["status"] == "running":
-                    records[i] = _record(grid.cells[i], "pending")
-            write_matrix_json(grid, records)
+        for i in list(locks):  # interrupted: left to resume
+            records[i] = _record(grid.cells[i], "pending")
+            locks.pop(i).release()
+        _merge_matrix_json(grid, records, owned)
+    result.elsewhere = _left_to_others(grid, elsewhere, records, owned, result)
     return result
+
+
+def _left_to_others(
+    grid: Grid, indices: list[int], records: list[dict[str, Any]], owned: set[int], result: MatrixResult
+) -> dict[str, str]:
+    """At the end: the cells another launch held, looked at again. Finished ones count as skipped;
+    the others map to what holds them (still running) or to why they are left (for a rerun)."""
+    left = {}
+    for i in indices:
+        cell = grid.cells[i]
+        owner = held_by_other(cell.run_dir)
+        if owner is not None:
+            left[cell.name] = "running in another launch: " + describe_owner(cell.run_dir, owner)
+        elif plan_cell(cell)[0] == "skip":
+            result.skipped += 1
+            owned.add(i)
+            records[i] = _record(cell, "completed")
+        else:
+            left[cell.name] = "another launch left it unfinished; rerun the matrix to resume it"
+    if indices:
+        _merge_matrix_json(grid, records, owned)
+    return left

@@ -93,6 +93,7 @@ class TrainConfig(_Section):
     eval_interval: int = Field(50, ge=1)
     eval_batches: int = Field(10, ge=1)
     log_interval: int = Field(1, ge=1)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # see altgrad/training/device.py
 
 
 class OptimizerConfig(_Section):
@@ -194,6 +195,8 @@ class LoggingConfig(_Section):
     jsonl: bool = True
     wandb: Literal["disabled", "offline", "online"] = "disabled"
     wandb_project: str = "altgrad"
+    wandb_group: str | None = None  # a matrix sets its name here and each cell's settings as tags
+    wandb_tags: list[str] = Field(default_factory=list)
     tensorboard: bool = False
     progress: bool = True
 

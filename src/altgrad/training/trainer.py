@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from altgrad.integration import QuantizedLinear, QuantPlan, QuantRule, quantize_model, quantized_layers
 from altgrad.integration.quantized_linear import full_precision_forward
@@ -52,8 +51,9 @@ from altgrad.versions import run_versions
 from .checkpoint import load_latest_valid, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, apply_overrides, config_from_dict, read_yaml, save_config
 from .data import BatchSampler, load_data
+from .device import resolve_device
 from .interrupt import StopOnSignal
-from .loggers import MetricsLogger
+from .loggers import MetricsLogger, StepProgress
 from .metrics import compute_gradient_stats, rank_stats
 from .models import build_model
 from .optimizer import build_optimizer
@@ -116,7 +116,7 @@ class Trainer:
         self.run_dir = config.run_dir
         if not resume:
             refuse_existing_run(self.run_dir, overwrite)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(config.train.device)
         seed_everything(config.seed)
 
         self.data = load_data(**config.data.model_dump())
@@ -174,6 +174,7 @@ class Trainer:
             tensorboard=config.logging.tensorboard,
             project=config.logging.wandb_project,
             config=config.to_dict(),
+            resume_step=self.step if resume else None,  # W&B resumes its run, TensorBoard purges replays
         )
 
     # ---- construction ------------------------------------------------------------------------------------
@@ -432,12 +433,8 @@ class Trainer:
             print(f"altgrad: warning: {warning}", file=sys.stderr)
             self.logger.event(self.step, "alert", warning)
         tokens_per_step = config.train.batch_size * config.model.block_size
-        progress = tqdm(
-            total=config.train.max_steps,
-            initial=self.step,
-            disable=not config.logging.progress,
-            desc=config.name,
-            dynamic_ncols=True,
+        progress = StepProgress(  # a bar on a terminal, plain lines in a log file
+            config.name, config.train.max_steps, self.step, config.logging.progress, config.train.log_interval
         )
         status, stop_message = "completed", None
         started = self.session_started = time.perf_counter()
@@ -508,12 +505,7 @@ class Trainer:
                 if self.last_clip is not None and (clip_event := self.last_clip.to_event()) is not None:
                     self.logger.event(**clip_event)
                 self.logger.log(record)
-                progress.update(self.step - progress.n)
-                progress.set_postfix(
-                    loss=f"{record['train_loss']:.3f}",
-                    tok_s=f"{record['tokens_per_s']:.0f}",
-                    stall=f"{record.get('stall_ratio/mean', math.nan):.3f}",
-                )
+                progress.show(step, record)
                 self._save_if_due()
         except BaseException as error:
             # an exception may cut a step in half (amax histories, RNG, optimizer partly updated):

@@ -17,6 +17,16 @@ from altgrad.analysis.matrix_report import write_matrix_report
 from altgrad.analysis.run_report import write_run_report
 from altgrad.analysis.runs import find_runs, is_run_dir, render_value
 
+MODEL_DEFAULTS = {"source": "altgrad", "hf_config": None, "factory": None}
+"""``model`` keys added after the first runs were written, with the value such a run had."""
+MODELS_LISTED = 3
+NAMES_LISTED = 3
+
+
+def _first_names(names: list[str]) -> str:
+    shown = ", ".join(names[:NAMES_LISTED])
+    return shown + (f" (+{len(names) - NAMES_LISTED} more)" if len(names) > NAMES_LISTED else "")
+
 
 def refuse_mixed_models(root: Path, runs: list[Path]) -> None:
     """Raise ValueError (one line) when the runs under ``root`` trained different models.
@@ -30,9 +40,14 @@ def refuse_mixed_models(root: Path, runs: list[Path]) -> None:
         except (OSError, yaml.YAMLError):
             continue
         if isinstance(config, dict) and isinstance(config.get("model"), dict):
-            models.setdefault(render_value(config["model"]), []).append(run.name)
+            model = MODEL_DEFAULTS | config["model"]  # runs written before a model key existed
+            models.setdefault(render_value(dict(sorted(model.items()))), []).append(run.name)
     if len(models) > 1:
-        kinds = "; ".join(f"{', '.join(names)}: {model}" for model, names in models.items())
+        kinds = "; ".join(
+            f"{_first_names(names)}: {model}" for model, names in list(models.items())[:MODELS_LISTED]
+        )
+        if len(models) > MODELS_LISTED:
+            kinds += f"; and {len(models) - MODELS_LISTED} more"
         raise ValueError(
             f"{root}: runs of {len(models)} different models cannot share one report ({kinds}); "
             "report each run folder on its own or move the runs into separate folders"

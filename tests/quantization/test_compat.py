@@ -175,3 +175,26 @@ def test_stiffness_field_by_mantissa_bits_and_by_format() -> None:
     assert e4m3.tolist() == [0.125, 32.0, 2.0**-9]  # the top binade; zero at the subnormal spacing
     with pytest.raises(ValueError, match="mantissa_bits"):
         compute_stiffness_field(w, -1)
+
+
+ORIGINAL_IMPORT_PATHS = {
+    "altgrad.quantization.formats": ["FORMAT_REGISTRY", "FP8Format"],
+    "altgrad.quantization.ops": ["QuantizeFunc", "DequantizeFunc", "dequantize", "quantize"],
+    "altgrad.quantization.scaling": ["ScalingConfig", "AmaxHistory", "compute_scale"],
+    "altgrad.quantization.diagnostics": ["detect_bit_stall", "BitStallDetector"],
+    "altgrad.quantization.advanced_diagnostics": ["compute_stiffness_field"],
+}
+
+
+@pytest.mark.parametrize("module", list(ORIGINAL_IMPORT_PATHS))
+def test_names_import_from_the_module_paths_the_original_used(module):
+    """``from altgrad.quantization.formats import FORMAT_REGISTRY`` etc. give the compat objects."""
+    import importlib
+
+    import altgrad.quantization as package
+
+    imported = importlib.import_module(module)
+    for name in ORIGINAL_IMPORT_PATHS[module]:
+        assert getattr(imported, name) is getattr(package, name), (module, name)
+    with pytest.raises(AttributeError, match="has no attribute 'not_a_name'"):
+        imported.not_a_name  # noqa: B018

@@ -271,3 +271,13 @@ class BitStallDetector:
             histogram=histogram,
             histogram_edges=self.histogram_edges,
         )
+
+
+def __getattr__(name: str) -> object:
+    """The original AltGrad's names at the import path it used, defined in ``compat``
+    (docs/compat.md): ``detect_bit_stall``, ``compute_stiffness_field``."""
+    if name in ("detect_bit_stall", "compute_stiffness_field"):
+        from altgrad.quantization import compat
+
+        return getattr(compat, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

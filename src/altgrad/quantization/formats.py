@@ -363,3 +363,13 @@ def get_format(name: str | FloatFormat | torch.dtype) -> FloatFormat:
     raise ValueError(
         f"unknown format {name!r}; known formats: {', '.join(FORMATS)} (or a spec such as 'e3m4:bias=1')"
     )
+
+
+def __getattr__(name: str) -> object:
+    """The original AltGrad's names at the import path it used, defined in ``compat``
+    (docs/compat.md): ``FORMAT_REGISTRY``."""
+    if name in ("FORMAT_REGISTRY",):
+        from altgrad.quantization import compat
+
+        return getattr(compat, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

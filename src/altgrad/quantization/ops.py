@@ -816,3 +816,12 @@ def _decoded_table(fmt: FloatFormat, device: torch.device) -> torch.Tensor:
         _TABLES[key] = fmt.values().to(device=device, dtype=torch.float32)
     return _TABLES[key]
 
+
+def __getattr__(name: str) -> object:
+    """The original AltGrad's names at the import path it used, defined in ``compat``
+    (docs/compat.md): ``QuantizeFunc``, ``DequantizeFunc``, ``dequantize``."""
+    if name in ("QuantizeFunc", "DequantizeFunc", "dequantize"):
+        from altgrad.quantization import compat
+
+        return getattr(compat, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -313,3 +313,13 @@ def mx_quantize(
     saturated = torch.where(finite.squeeze(-1), saturated, 0)
     values = values.reshape(*x.shape[:-1], -1)[..., :n].to(x.dtype)
     return values, saturated
+
+
+def __getattr__(name: str) -> object:
+    """The original AltGrad's names at the import path it used, defined in ``compat``
+    (docs/compat.md): ``ScalingConfig``."""
+    if name in ("ScalingConfig",):
+        from altgrad.quantization import compat
+
+        return getattr(compat, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,12 @@
 """``altgrad matrix GRID --engine ray`` on one local Ray instance (2 CPUs) shared by the module."""
 
+import argparse
 import json
 import os
+import re
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -14,6 +18,7 @@ import yaml
 
 from altgrad.analysis.report import write_report
 from altgrad.experiments import ray_engine
+from altgrad.experiments.cli import register
 from altgrad.experiments.runner import run_matrix
 
 HERE = Path(__file__).parent
@@ -54,6 +59,7 @@ def local_ray():
             os.environ["PYTHONPATH"] = before
     yield ray
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -143,3 +149,42 @@ def test_sigterm_cancels_the_ray_tasks_and_leaves_the_cells_to_resume(tmp_path, 
 
     result = run_matrix(grid, run_cell=fakes.fake_cell, engine=ray_engine.RayEngine())
     assert (result.completed, result.failed, result.interrupted_by) == (3, 0, None)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--cpus-per-cell", "2"], "--cpus-per-cell go with --engine ray"),
+        (["--engine", "ray", "--jobs", "2"], "--jobs is the local engine's"),
+        (["--engine", "ray", "--cpus-per-cell", "0"], "--cpus-per-cell: expected a positive number of CPUs"),
+    ],
+)
+def test_engine_options_are_checked(tmp_path, options, message):
+    pytest.importorskip("ray")
+    parser = argparse.ArgumentParser(prog="altgrad")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["matrix", str(fake_grid(tmp_path, ["E4M3"])), *options])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        args.handler(args)
+
+
+@pytest.mark.slow
+def test_the_cli_starts_a_local_ray_instance_for_the_run_and_shuts_it_down(tmp_path):
+    base = {
+        "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16},
+        "train": {"max_steps": 3, "batch_size": 4, "eval_interval": 3, "eval_batches": 1},
+        "logging": {"progress": False},
+    }
+    grid = write_grid(tmp_path, base, {"quant.weight": ["E4M3", "E5M2"]})
+    env = {**os.environ, "PYTHONPATH": str(SRC), "WANDB_MODE": "disabled", "TMPDIR": str(tmp_path)}
+    env.pop("RAY_ADDRESS", None)
+    temp_dirs = lambda: {path for path in Path("/tmp").glob("altgrad-ray-*") if "-test-" not in path.name}
+    before = temp_dirs()
+    done = subprocess.run(
+        [sys.executable, "-m", "altgrad", "matrix", str(grid), "--engine", "ray"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "(2 completed, 0 failed, 0 already finished" in done.stdout
+    assert read_matrix(tmp_path)["engine"] == "ray"
+    assert temp_dirs() == before  # the instance's temporary folder (in /tmp, not a long TMPDIR) is removed

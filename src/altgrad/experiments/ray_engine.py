@@ -35,6 +35,7 @@ from concurrent.futures import Future
 from typing import Any
 
 ATTEMPT_MARKER = "cell.attempt"
+SHORT_TEMP = "/tmp" if os.path.isdir("/tmp") else None
 RETRIED = "its first attempt's worker process died (node lost, out of memory or killed); Ray ran it again"
 
 
@@ -105,7 +106,8 @@ class RayEngine:
             else:
                 from .runner import _cores
 
-                self._temp_dir = tempfile.mkdtemp(prefix="altgrad-ray-")
+                # Ray's socket paths must stay under 107 bytes: a short folder, as Ray's own /tmp/ray
+                self._temp_dir = tempfile.mkdtemp(prefix="altgrad-ray-", dir=SHORT_TEMP)
                 ray.init(num_cpus=_cores(), include_dashboard=False, _temp_dir=self._temp_dir)
             for signum, handler in handlers.items():  # the runner's stop-on-signal handlers stay
                 signal.signal(signum, handler)

@@ -99,6 +99,12 @@ def fake_grid(tmp_path, weights):
     return write_grid(tmp_path, base, {"quant.weight": weights})
 
 
+def test_a_task_sees_no_gpu_without_gpus_per_cell_and_its_cpus_as_threads(tmp_path, fakes):
+    run_matrix(fake_grid(tmp_path, ["E4M3"]), run_cell=fakes.record_devices, engine=ray_engine.RayEngine())
+    seen = json.loads((tmp_path / "runs" / "m" / "E4M3.devices.json").read_text())
+    assert seen == {"CUDA_VISIBLE_DEVICES": "", "threads": 1}
+
+
 def test_a_cell_whose_worker_dies_is_retried_once_and_recorded(tmp_path, fakes):
     result = run_matrix(
         fake_grid(tmp_path, ["E4M3"]), run_cell=fakes.crash_once, engine=ray_engine.RayEngine()

@@ -9,7 +9,8 @@ dashboard, a temporary folder) and shut down after it; with one, the run joins t
 nodes must have altgrad installed and see the run folders on a shared file system.
 
 A task sees only its GPUs (Ray sets ``CUDA_VISIBLE_DEVICES``; ``train.device: auto`` trains on the
-first of them, or on the CPU with ``gpus_per_cell=0``) and uses ``cpus_per_cell`` torch threads.
+first of them; with ``gpus_per_cell=0`` it sees none and trains on the CPU) and uses
+``cpus_per_cell`` torch threads.
 A cell whose worker process dies (node lost, out of memory, killed) is run once more by Ray
 (``max_retries=1``; a Python exception is a failed cell, never retried). The retry finds the marker
 ``<run_dir>/cell.attempt`` that the first attempt left, resumes from the cell's checkpoint if one was
@@ -48,11 +49,15 @@ def import_ray() -> Any:
     return ray
 
 
-def run_attempt(run_one: Any, run_cell: Any, config: dict[str, Any], resume: bool, threads: int) -> tuple:
+def run_attempt(
+    run_one: Any, run_cell: Any, config: dict[str, Any], resume: bool, threads: int, gpus: float
+) -> tuple:
     """The body of one cell's Ray task: ``run_one(run_cell, config, resume)``, noting the attempt.
 
     A marker file left by an earlier attempt means that attempt's process died: this is Ray's retry,
     so resume from the checkpoint if there is one, and add ``{"retried": ...}`` to the outcome."""
+    if gpus == 0:  # Ray sets CUDA_VISIBLE_DEVICES only for tasks given GPUs: others would all take GPU 0
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch
 
     from altgrad.training.checkpoint import latest_checkpoint
@@ -99,6 +104,7 @@ class RayEngine:
 
     def __enter__(self) -> RayEngine:
         ray = self.ray
+        self._refs, self._stopped = [], False
         if not ray.is_initialized():
             handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
             if self.address:
@@ -139,7 +145,7 @@ class RayEngine:
         # a marker left by a launch that died is no attempt of this one
         (config_from_dict(config).run_dir / ATTEMPT_MARKER).unlink(missing_ok=True)
         threads = max(1, int(self.cpus_per_cell))
-        ref = self._task.remote(run_one, run_cell, config, resume, threads)
+        ref = self._task.remote(run_one, run_cell, config, resume, threads, self.gpus_per_cell)
         self._refs.append(ref)
         return ref.future()
 

@@ -23,6 +23,9 @@ runner alone is passed on to them), they are left ``pending`` and a rerun resume
 nan_stop) or ``failed``. ``jobs > 1`` runs cells in that many spawned processes, each with
 ``torch.set_num_threads(max(1, cores // jobs))`` and worker k on ``cuda:(k mod GPUs)``; ``run_cell``
 must then be a module-level function. A worker whose runner dies stops its cell and exits.
+``engine=RayEngine(...)`` (``ray_engine.py``) runs the cells as Ray tasks instead, with the same
+planning, locks and records (``"engine": "ray"``; a cell Ray ran again after its worker died says
+``"retried"``).
 
 Several launches may share a grid (terminals, nodes, Slurm array tasks): a cell runs only under its
 lock (``cell_lock.py``), taken just before it starts, and is planned again under the lock; a launch
@@ -138,14 +141,14 @@ def _record(cell: Cell, status: str, error: str | None = None) -> dict[str, Any]
             "error": error, "equivalent_to": cell.equivalent_to}  # fmt: skip
 
 
-def write_matrix_json(grid: Grid, records: list[dict[str, Any]]) -> Path:
+def write_matrix_json(grid: Grid, records: list[dict[str, Any]], engine: str = "local") -> Path:
     """Write ``<matrix_dir>/matrix.json`` atomically: a reader never sees a half-written file."""
     grid.matrix_dir.mkdir(parents=True, exist_ok=True)
-    document = {"cells": records, "axes": grid.axes, "base": grid.base.to_dict(), "engine": "local"}
+    document = {"cells": records, "axes": grid.axes, "base": grid.base.to_dict(), "engine": engine}
     return write_json_atomic(grid.matrix_dir / "matrix.json", document)
 
 
-def _merge_matrix_json(grid: Grid, records: list[dict[str, Any]], owned: set[int]) -> None:
+def _merge_matrix_json(grid: Grid, records: list[dict[str, Any]], owned: set[int], engine: str) -> None:
     """Write matrix.json with this launch's records for the cells it ``owned`` (planned or locked) and,
     for the others, the records another launch (a shard, a concurrent launch) left in the file.
 
@@ -167,7 +170,7 @@ def _merge_matrix_json(grid: Grid, records: list[dict[str, Any]], owned: set[int
             record if i in owned or record["name"] not in on_disk else on_disk[record["name"]]
             for i, record in enumerate(records)
         ]
-        write_matrix_json(grid, merged)
+        write_matrix_json(grid, merged, engine)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -290,6 +293,22 @@ def _stop_when_set(stopping: Any) -> None:
         time.sleep(0.5)
 
 
+class LocalPool(ProcessPoolExecutor):
+    """The default engine for ``jobs > 1``: ``jobs`` spawned processes, each with
+    ``cores // jobs`` torch threads and worker k on ``cuda:(k mod GPUs)``; ``stop`` asks them to stop."""
+
+    name = "local"
+
+    def __init__(self, jobs: int) -> None:
+        spawn = multiprocessing.get_context("spawn")
+        self.slots, self._stopping = jobs, spawn.Event()
+        initargs = (max(1, _cores() // jobs), self._stopping, spawn.Value("i", 0))
+        super().__init__(jobs, mp_context=spawn, initializer=_init_worker, initargs=initargs)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -301,11 +320,17 @@ def run_matrix(
     run_cell: RunCell | None = None,
     shard: tuple[int, int] | None = None,
     cells: list[str] | None = None,
+    engine: Any | None = None,
 ) -> MatrixResult:
     """Expand the grid and run every unfinished cell of the selection (``shard``, ``cells``: see
-    ``select_cells``) that no other launch holds; ``dry_run`` prints the cells and runs nothing."""
+    ``select_cells``) that no other launch holds; ``dry_run`` prints the cells and runs nothing.
+
+    ``engine`` runs the cells instead of the local pool: a context manager giving an object with
+    ``name``, ``slots`` (cells at once), ``submit(_run_one, run_cell, config, resume) -> Future`` and
+    ``stop()`` (see ``LocalPool``, ``ray_engine.RayEngine``)."""
     if jobs < 1:
         raise ValueError(f"jobs: expected a positive number of parallel runs, got {jobs}")
+    engine_name = engine.name if engine is not None else LocalPool.name
     grid = load_grid(grid_path)
     selected = select_cells(grid, shard, cells)
     run_cell = run_cell or train_cell
@@ -329,7 +354,7 @@ def run_matrix(
         if action in ("resume", "run"):
             todo.append(i)
     result.cells = records
-    _merge_matrix_json(grid, records, owned)
+    _merge_matrix_json(grid, records, owned, engine_name)
     tty = sys.stderr.isatty()
     progress = tqdm(total=len(selected), initial=result.skipped + result.failed, desc=grid.name, unit="cell",
                     disable=not tty)  # fmt: skip
@@ -354,19 +379,22 @@ def run_matrix(
         locks[i] = lock
         owned.add(i)
         records[i] = _record(grid.cells[i], "running")
-        _merge_matrix_json(grid, records, owned)
+        _merge_matrix_json(grid, records, owned, engine_name)
         return action == "resume"
 
     def finish(i: int, outcome: tuple[str, str | None, str | None]) -> None:
-        status, error, stopped_by = outcome
-        records[i] = _record(grid.cells[i], status, error)
-        _merge_matrix_json(grid, records, owned)
+        status, error, stopped_by, *note = outcome  # an engine may add a note: {"retried": why}
+        records[i] = _record(grid.cells[i], status, error) | (note[0] if note else {})
+        _merge_matrix_json(grid, records, owned, engine_name)
         locks.pop(i).release()
         result.completed += status == "completed"
         result.failed += status == "failed"
-        result.interrupted_by = result.interrupted_by or stopped_by
+        # the runner's own signal first: a Ray task is stopped by a SIGINT whatever the runner got
+        result.interrupted_by = result.interrupted_by or stop.name or stopped_by
         if error:
             progress.write(f"cell {grid.cells[i].name} failed: {error}")
+        if note:
+            progress.write(f"cell {grid.cells[i].name}: {', '.join(note[0].values())}")
         if status != "pending":
             progress.update()
         progress.set_postfix(failed=result.failed)
@@ -378,7 +406,7 @@ def run_matrix(
     # SIGINT/SIGTERM between cells: start no new cell (a running cell stops itself at a step boundary)
     stop = StopOnSignal().install()
     try:
-        if jobs == 1:
+        if jobs == 1 and engine is None:
             for i in todo:
                 if stop.requested or result.interrupted_by:
                     break
@@ -386,14 +414,10 @@ def run_matrix(
                 if resume is not None:
                     finish(i, _run_one(run_cell, grid.cells[i].config.to_dict(), resume))
         else:
-            spawn, threads = multiprocessing.get_context("spawn"), max(1, _cores() // jobs)
-            stopping, counter = spawn.Event(), spawn.Value("i", 0)
-            with ProcessPoolExecutor(
-                jobs, mp_context=spawn, initializer=_init_worker, initargs=(threads, stopping, counter)
-            ) as pool:
+            with engine or LocalPool(jobs) as pool:
                 queue, running = list(reversed(todo)), {}
                 while queue or running:
-                    while queue and len(running) < jobs and not stop.requested:
+                    while queue and len(running) < pool.slots and not stop.requested:
                         i = queue.pop()
                         resume = claim(i)
                         if resume is not None:
@@ -403,7 +427,7 @@ def run_matrix(
                         break
                     done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
                     if stop.requested:
-                        stopping.set()
+                        pool.stop()
                     for future in done:
                         i = running.pop(future)
                         try:
@@ -420,13 +444,18 @@ def run_matrix(
         for i in list(locks):  # interrupted: left to resume
             records[i] = _record(grid.cells[i], "pending")
             locks.pop(i).release()
-        _merge_matrix_json(grid, records, owned)
-    result.elsewhere = _left_to_others(grid, elsewhere, records, owned, result)
+        _merge_matrix_json(grid, records, owned, engine_name)
+    result.elsewhere = _left_to_others(grid, elsewhere, records, owned, result, engine_name)
     return result
 
 
 def _left_to_others(
-    grid: Grid, indices: list[int], records: list[dict[str, Any]], owned: set[int], result: MatrixResult
+    grid: Grid,
+    indices: list[int],
+    records: list[dict[str, Any]],
+    owned: set[int],
+    result: MatrixResult,
+    engine: str,
 ) -> dict[str, str]:
     """At the end: the cells another launch held, looked at again. Finished ones count as skipped;
     the others map to what holds them (still running) or to why they are left (for a rerun)."""
@@ -443,5 +472,5 @@ def _left_to_others(
         else:
             left[cell.name] = "another launch left it unfinished; rerun the matrix to resume it"
     if indices:
-        _merge_matrix_json(grid, records, owned)
+        _merge_matrix_json(grid, records, owned, engine)
     return left

@@ -81,6 +81,25 @@ def test_without_the_reduction_the_ranks_disagree(tmp_path):
     assert scales[1]["activation"] == pytest.approx(40.0 / 448.0)
 
 
+def _weight_checks_of_one_rank(rank: int, init_file: str, out: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    run = DistributedRun(rank=rank, world_size=2, device=torch.device("cpu"))
+    model = nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.fill_(0.25)
+        model.bias.zero_()
+        same = run.weights_identical(model)
+        model.weight[1, 2] += 2.0**-20 * rank  # one ulp-sized difference on rank 1
+        out[rank] = (same, run.weights_identical(model))
+    dist.destroy_process_group()
+
+
+def test_weights_identical_sees_one_differing_element(tmp_path):
+    out = mp.Manager().dict()
+    mp.spawn(_weight_checks_of_one_rank, args=(str(tmp_path / "init"), out), nprocs=2)
+    assert dict(out) == {0: (True, False), 1: (True, False)}
+
+
 def test_rank_seeds_are_distinct_and_rank_0_keeps_the_run_seed():
     assert rank_seed(7, 0) == 7
     seeds = {rank_seed(7, rank) for rank in range(8)} | {rank_seed(8, rank) for rank in range(8)}

@@ -147,10 +147,10 @@ class DistributedRun:
     def weights_identical(self, model: nn.Module) -> bool:
         """Whether every rank holds the same weights: the float64 sum and sum of squares of all
         Parameters, compared by all_reduce MAX of (v, -v)."""
-        params = [p.detach().double() for p in model.parameters()]
-        fingerprint = torch.stack([sum(p.sum() for p in params), sum(p.square().sum() for p in params)])
         if not self.active:
             return True
+        params = [p.detach().double() for p in model.parameters()]
+        fingerprint = torch.stack([sum(p.sum() for p in params), sum(p.square().sum() for p in params)])
         both = torch.cat([fingerprint, -fingerprint])
         dist.all_reduce(both, op=dist.ReduceOp.MAX)
         return bool(torch.equal(both[:2], fingerprint) and torch.equal(-both[2:], fingerprint))

@@ -41,6 +41,7 @@ def _finished_message(run_dir: Path, summary: dict) -> str:
 def _cmd_train(args: argparse.Namespace) -> int:
     from altgrad.analysis import write_run_report
     from altgrad.training.config import load_config
+    from altgrad.training.distributed import is_main_process
     from altgrad.training.interrupt import exit_code
     from altgrad.training.run_folder import resume_command
     from altgrad.training.trainer import finished_summary, resume_config, train
@@ -65,6 +66,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return exit_code(summary["signal"])
+    if not is_main_process():  # a data-parallel rank other than 0: rank 0 reports
+        return 0 if summary["status"] == "completed" else 1
     write_run_report(run_dir)
     keys = ("final_train_loss", "final_val_loss", "mean_stall_ratio")
     figures = {key: _format_number(summary[key]) for key in keys}

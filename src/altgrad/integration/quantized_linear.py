@@ -124,6 +124,7 @@ class _TensorQuantizer(nn.Module):
         self.last_scale: torch.Tensor | None = None
         self.collect_stats = False
         self.generator: torch.Generator | None = None
+        self.amax_group = None  # a torch.distributed group: training amax all_reduce(MAX) over it
 
     @property
     def format(self) -> FloatFormat | None:
@@ -134,6 +135,8 @@ class _TensorQuantizer(nn.Module):
 
         Delayed scaling takes the amax history of earlier steps (this call's amax when there is none
         yet); with ``record`` (a training forward or backward) this call's amax then joins the history.
+        With ``amax_group`` set (data-parallel training) a recorded per-tensor amax is first
+        all_reduce(MAX)-ed over the group, so every rank uses and records the same amax.
         """
         fmt, spec = self.format, self.spec
         assert fmt is not None
@@ -148,6 +151,8 @@ class _TensorQuantizer(nn.Module):
             return compute_scale(amax, fmt, margin=spec.margin, power_of_two=power_of_two)
         low, high = torch.aminmax(x.detach())  # one pass, no |x| temporary
         current_amax = torch.maximum(high, -low).float()
+        if record and self.amax_group is not None:  # data parallel: every rank the same scale (TE)
+            torch.distributed.all_reduce(current_amax, torch.distributed.ReduceOp.MAX, group=self.amax_group)
         amax = current_amax
         if spec.scaling == "delayed":
             if len(self.history) > 0:

@@ -51,7 +51,7 @@ from altgrad.versions import run_versions
 from .checkpoint import load_latest_valid, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, apply_overrides, config_from_dict, read_yaml, save_config
 from .data import BatchSampler, load_data
-from .device import resolve_device
+from .distributed import DistributedRun, SilentLogger, rank_seed, set_amax_reduction
 from .interrupt import StopOnSignal
 from .loggers import MetricsLogger, StepProgress
 from .metrics import compute_gradient_stats, rank_stats
@@ -114,14 +114,19 @@ class Trainer:
     def __init__(self, config: RunConfig, resume: bool = False, overwrite: bool = False) -> None:
         self.config = config
         self.run_dir = config.run_dir
-        if not resume:
+        self.dist = DistributedRun.from_env(config.train.device)  # torchrun: rank, world size, device
+        if not resume and self.dist.is_main:
             refuse_existing_run(self.run_dir, overwrite)
-        self.device = resolve_device(config.train.device)
-        seed_everything(config.seed)
+        self.device = self.dist.device
+        seed_everything(config.seed)  # the same init on every rank
 
         self.data = load_data(**config.data.model_dump())
-        self.sampler = BatchSampler(
-            self.data, config.train.batch_size, config.model.block_size, seed=config.seed, device=self.device
+        self.sampler = BatchSampler(  # each rank its share of the global batch, from its own seed
+            self.data,
+            self.dist.local_batch(config.train.batch_size),
+            config.model.block_size,
+            seed=rank_seed(config.seed, self.dist.rank),
+            device=self.device,
         )
         self.model = build_model(config, self.data.tokenizer.vocab_size).to(self.device)
         self.startup_warnings: list[str] = []
@@ -165,8 +170,13 @@ class Trainer:
         self.session_started = time.perf_counter()
         if resume:
             self._restore()
-        else:  # made only now, so a data or config error leaves no empty folder behind
+        elif self.dist.is_main:  # made only now, so a data or config error leaves no empty folder behind
             start_fresh(self.run_dir)
+        set_amax_reduction(self.model, self.dist.amax_group)
+        self.step_model = self.dist.wrap(self.model)  # DDP under torchrun: gradients averaged over ranks
+        self.logger: MetricsLogger | SilentLogger = SilentLogger()  # rank 0 alone writes the run folder
+        if not self.dist.is_main:
+            return
         save_config(config, self.run_dir / "config.yaml")
         self.logger = MetricsLogger.for_run(
             self.run_dir,
@@ -235,6 +245,8 @@ class Trainer:
             "format_shifts": self.format_shifts.state_dict() if self.format_shifts else None,
             "clipper": self.clipper.state_dict() if self.clipper else None,
             "sampler": self.sampler.state_dict(),
+            "world_size": self.dist.world_size,
+            "sampler_by_rank": self.dist.gather(self.sampler.state_dict()) if self.dist.active else None,
             "rng": rng_state(),
             "tokenizer": self.data.tokenizer.state(),
             "best_val_loss": self.best_val_loss,
@@ -246,6 +258,11 @@ class Trainer:
     def _restore(self) -> None:
         _, state, skipped = load_latest_valid(self.run_dir / "checkpoints")
         self.startup_warnings += skipped
+        if state.get("world_size", 1) != self.dist.world_size:
+            raise ValueError(
+                f"cannot resume {self.run_dir}: it was trained on {state.get('world_size', 1)} process(es), "
+                f"this launch has {self.dist.world_size} (torchrun --nproc_per_node and --nnodes)"
+            )
         if state["tokenizer"] != self.data.tokenizer.state():
             raise ValueError(
                 f"cannot resume {self.run_dir}: the data's tokenizer differs from the checkpoint's "
@@ -270,7 +287,8 @@ class Trainer:
             self.format_shifts.load_state_dict(state["format_shifts"])
         if self.clipper and state["clipper"]:
             self.clipper.load_state_dict(state["clipper"])
-        self.sampler.load_state_dict(state["sampler"])
+        by_rank = state.get("sampler_by_rank")  # a data-parallel run: each rank's own stream
+        self.sampler.load_state_dict(by_rank[self.dist.rank] if by_rank else state["sampler"])
         set_rng_state(state["rng"])
         self.step = state["step"]
         self.best_val_loss = state["best_val_loss"]
@@ -278,7 +296,8 @@ class Trainer:
         self.shift_events = state["shift_events"]
         self.wall_time_before = state.get("wall_time_s", 0.0)
         for name in ("metrics.jsonl", "events.jsonl"):  # drop what was logged after the checkpoint
-            _truncate_jsonl_after(self.run_dir / name, self.step)
+            if self.dist.is_main:
+                _truncate_jsonl_after(self.run_dir / name, self.step)
 
     def _save_if_due(self) -> None:
         """Checkpoint every ``checkpoint.interval`` steps (the final one is written when the run ends)."""
@@ -286,9 +305,9 @@ class Trainer:
             self.save()
 
     def save(self) -> None:
-        save_checkpoint(
-            self.run_dir / "checkpoints", self.step, self.state_dict(), self.config.checkpoint.keep
-        )
+        state = self.state_dict()  # on every rank: it gathers each rank's sampler state
+        if self.dist.is_main:
+            save_checkpoint(self.run_dir / "checkpoints", self.step, state, self.config.checkpoint.keep)
 
     # ---- one step ------------------------------------------------------------------------------------------
 
@@ -320,7 +339,7 @@ class Trainer:
         self.model.train()
         x, y = self.sampler.get_batch("train")
         with self._autocast():
-            logits, loss = self.model(x, y)
+            logits, loss = self.step_model(x, y)
         if logits.dtype == torch.bfloat16:
             self.precision_used = "bf16-autocast"
         loss.backward()
@@ -377,7 +396,11 @@ class Trainer:
     # ---- reading the diagnostics (one host sync each) ---------------------------------------------------
 
     def _quant_record(self) -> dict[str, float]:
-        return quant_stats_record({name: layer.read_stats() for name, layer in self.layers.items()})
+        stats = {name: layer.read_stats() for name, layer in self.layers.items()}
+        if self.dist.active and stats:  # sums over ranks: fractions weighted by each rank's counts
+            summed = self.dist.sum_(torch.stack(list(stats.values())))
+            stats = dict(zip(stats, summed, strict=True))
+        return quant_stats_record(stats)
 
     def _rank_record(self) -> dict[str, float]:
         ranks = self.rank_monitor.compute_layer_ranks(self.model)
@@ -434,7 +457,11 @@ class Trainer:
             self.logger.event(self.step, "alert", warning)
         tokens_per_step = config.train.batch_size * config.model.block_size
         progress = StepProgress(  # a bar on a terminal, plain lines in a log file
-            config.name, config.train.max_steps, self.step, config.logging.progress, config.train.log_interval
+            config.name,
+            config.train.max_steps,
+            self.step,
+            config.logging.progress and self.dist.is_main,
+            config.train.log_interval,
         )
         status, stop_message = "completed", None
         started = self.session_started = time.perf_counter()
@@ -444,7 +471,7 @@ class Trainer:
         at_boundary = True  # False once an exception cut a step short: its state is half-done
         try:
             while self.step < config.train.max_steps:
-                if stop.requested:
+                if self.dist.any(stop.requested):  # every rank stops at the same step
                     status = "interrupted"
                     stop_message = f"stopped by {stop.name}; resume with: {resume_command(self.run_dir)}"
                     break
@@ -471,7 +498,7 @@ class Trainer:
                     self._save_if_due()
                     continue
                 elapsed = time.perf_counter() - window_start
-                record = {"step": step, "train_loss": float(loss), **record}
+                record = {"step": step, "train_loss": float(self.dist.mean(loss)), **record}
                 if "grad_norm" in record:
                     record["grad_norm"] = float(record["grad_norm"])
                 record["tokens"] = step * tokens_per_step
@@ -491,14 +518,14 @@ class Trainer:
                     self.logger.event(step, "nan_stop", stop_message, layers=nonfinite)
                     status = "nan_stop"
                     break
-                if self._due(config.train.eval_interval, step):
+                if self._due(config.train.eval_interval, step) and self.dist.is_main:
                     last_val_loss = self.evaluate()
                     record["val_loss"] = last_val_loss
                     record["val_ppl"] = math.exp(min(last_val_loss, 700.0))
                     self.best_val_loss = min(self.best_val_loss, last_val_loss)
                     if self.layers:  # the same weights, forward unquantized: val_loss minus it = forward cost
                         record["val_loss_fp32_forward"] = self.evaluate(full_precision=True)
-                if self._due(diagnostics.rank_interval, step):
+                if self._due(diagnostics.rank_interval, step) and self.dist.is_main:
                     record.update(self._rank_record())
                 if self.format_shifts is not None and measure["flips"]:
                     self._apply_format_shifts(record)
@@ -523,13 +550,18 @@ class Trainer:
                 self.save()
             summary = self._summary(status, self.wall_time_before + time.perf_counter() - started)
             summary["signal"] = stop.name if status == "interrupted" else None
+            if at_boundary and not self.dist.weights_identical(self.model):
+                self.logger.event(self.step, "alert", "weights differ across ranks (data parallel broken)")
+                summary["status"] = "failed"
             self.logger.event(
                 self.step,
                 "end",
                 f"{status} at step {self.step}" + (f": {stop_message}" if stop_message else ""),
             )
             self.logger.close()
-            write_json_atomic(self.run_dir / "summary.json", summary)
+            if self.dist.is_main:
+                write_json_atomic(self.run_dir / "summary.json", summary)
+            self.dist.close()
         return summary
 
     def _summary(self, status: str, wall_time: float) -> dict[str, Any]:
@@ -578,6 +610,7 @@ class Trainer:
             "format_shifts": self.shift_events,
             "partition_clip_steps": self.clipper.summary() if self.clipper else None,
             "wall_time_s": wall_time,
+            "world_size": self.dist.world_size,
             "versions": run_versions(),
         }
 

@@ -295,11 +295,13 @@ def _optimizer(run: Run) -> _Check:
         return _Check(None, [], "", recorded=False)
     storage = lookup(run.config, STORAGE_KEY)
     mean = float(stalls.mean(axis=1).mean())
+    # not the summary's mean_stall_ratio (the run's cumulative ratio per layer): the steps judged here only
+    what = f"stall ratio {mean:.3g} (mean over layers and flip records after warmup at >= half the peak lr)"
     if storage in (None, "none"):
-        return _Check(None, [], f"mean stall ratio {mean:.3g} with an fp32 master copy: grid coarseness")
+        return _Check(None, [], f"{what} with an fp32 master copy: grid coarseness")
     step = _onset(stalls.max(axis=1) > STALL_RATIO_THRESHOLD, MIN_CONSECUTIVE_RECORDS)
     if step is None:
-        return _Check(None, [], f"mean stall ratio {mean:.3g} with weights stored in {storage}")
+        return _Check(None, [], f"{what} with weights stored in {storage}")
     layers = _worst(stalls, step)
     text = (
         f"weights stored in {storage} (no master copy): worst layer {layers[0]} stalls "

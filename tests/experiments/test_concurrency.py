@@ -22,17 +22,9 @@ from altgrad.experiments.cli import register
 from altgrad.experiments.grid import load_grid
 from altgrad.experiments.runner import parse_shard, place_worker, run_matrix, select_cells, worker_gpu
 
-HERE = Path(__file__).parent
 SRC = Path(runner.__file__).parents[2]
 NAMES = ["E4M3-adamw", "E4M3-grid", "E1M6-adamw", "E1M6-grid", "E0M7-adamw", "E0M7-grid", "fp32"]
 
-
-@pytest.fixture
-def fakes(monkeypatch):
-    monkeypatch.syspath_prepend(str(HERE))
-    import matrix_fakes
-
-    return matrix_fakes
 
 
 def write_grid(tmp_path, **spec):

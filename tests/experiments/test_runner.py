@@ -16,17 +16,8 @@ from altgrad.experiments import runner
 from altgrad.experiments.cli import register
 from altgrad.experiments.runner import run_matrix, write_matrix_json
 
-HERE = Path(__file__).parent
 TINY = {"model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16}, "train": {"max_steps": 5}}
 
-
-@pytest.fixture
-def fakes(monkeypatch):
-    """The fake trainer, imported from a module that spawned workers can import too."""
-    monkeypatch.syspath_prepend(str(HERE))
-    import matrix_fakes
-
-    return matrix_fakes
 
 
 def write_grid(tmp_path, **spec):

@@ -140,8 +140,10 @@ def test_the_answer_opens_the_report(matrix_dir, synth, table):
     assert answer.loc["E4M3", "grid-aware vs standard (best case)"].startswith(
         "manifold_adamw vs adamw on quantized stochastic: -0.107 ["
     )
-    e7m0 = load_run(table.set_index("cell").loc["E7M0-adamw-lr0.003-master-s0", "run"])
-    assert answer.loc["E7M0", "cause (failure attribution)"] == classify_failure(e7m0).mode
+    runs = table.set_index("cell")["run"]
+    e7m0, fp32 = load_run(runs["E7M0-adamw-lr0.003-master-s0"]), load_run(runs["fp32-s0"])
+    # the same finding as the report's failure table: judged against the fp32 run of the same seed
+    assert answer.loc["E7M0", "cause (failure attribution)"] == classify_failure(e7m0, baseline=fp32).mode
     assert "Grid-aware better than the standard optimizer (95% interval below 0) in 2 of 3" in markdown
     assert "Largest confirmed gain (upper bound of the interval furthest below 0): E7M0 with grid" in markdown
 
@@ -181,3 +183,21 @@ def test_plots_keep_each_optimizer_at_its_chosen_lr_and_labels_leave_the_lr_out(
     labels = table.set_index("cell")["label"]
     assert labels["E4M3-adamw-lr0.001-master-s0"] == labels["E4M3-adamw-lr0.003-master-s0"] == "E4M3 / master"
     assert "Each optimizer at its chosen lr" in (matrix_dir / "report.md").read_text()
+
+
+def test_the_standard_gap_quotes_the_reference_optimizer_of_the_comparisons():
+    """With sgd listed before adamw, the answer quotes adamw (first of STANDARD_OPTIMIZERS), as the
+    grid-aware comparisons do."""
+    from altgrad.analysis.answer import answer_table
+
+    def row(optimizer, gap):
+        return {
+            "format": "E4M3", "optimizer": optimizer, "storage": "fp32 master", "baseline": None,
+            "lr": 1e-3, "val_loss_mean": 3.0 + gap, "gap_to_fp32_mean": gap, "gap_ci_low": gap - 0.01,
+            "gap_ci_high": gap + 0.01, "gap_n": 3, "gap_verdict": "worse", "failure_mode": "none observed",
+        }  # fmt: skip
+
+    by_cell = pd.DataFrame([row("sgd", 0.5), row("adamw", 0.1)])
+    answer = answer_table(by_cell, pd.DataFrame()).set_index("format")
+    assert answer.loc["E4M3", "gap to fp32, standard"].endswith("(adamw, fp32 master)")
+    assert answer.loc["E4M3", "gap to fp32, standard"].startswith("+0.1 [")

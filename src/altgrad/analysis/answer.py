@@ -22,9 +22,8 @@ import pandas as pd
 
 from altgrad.analysis.comparisons import LOSS_METRIC, STANDARD_OPTIMIZERS
 from altgrad.analysis.document import MISSING
+from altgrad.analysis.matrix import MASTER_COPY as MASTER
 from altgrad.analysis.stats import BETTER, CANNOT_TELL, WORSE, interval_text
-
-MASTER = "fp32 master"
 
 
 def _gap(row: pd.Series) -> str:
@@ -39,7 +38,10 @@ def answer_table(by_cell: pd.DataFrame, comparison: pd.DataFrame) -> pd.DataFram
     loss = comparison[comparison["metric"] == LOSS_METRIC] if len(comparison) else comparison
     rows = []
     for fmt, members in quantized.groupby("format", sort=False):
-        standard = members[members["optimizer"].isin(STANDARD_OPTIMIZERS) & (members["storage"] == MASTER)]
+        master = members[members["storage"] == MASTER]
+        # the reference optimizer of optimizer_comparison: the first of STANDARD_OPTIMIZERS present
+        reference = next((name for name in STANDARD_OPTIMIZERS if name in set(master["optimizer"])), None)
+        standard = master[master["optimizer"] == reference]
         ranked = members.dropna(subset=["val_loss_mean"]).sort_values("val_loss_mean", kind="stable")
         row = {"format": fmt}
         if len(standard):

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from altgrad.analysis.matrix import STORAGE_KEY, keeps_master_copy
 from altgrad.analysis.runs import Run, lookup
 
 DIVERGENCE = "divergence"
@@ -79,7 +80,6 @@ MIN_CONSECUTIVE_EVALS = 2
 """The forward-cost criterion must hold on this many evals in a row (or until the last eval)."""
 MAX_LAYERS_LISTED = 3
 WARMUP_KEY = "train.warmup_steps"
-STORAGE_KEY = "optimizer.weight_storage"
 FORWARD_KINDS = ("weight", "activation")
 
 
@@ -297,7 +297,7 @@ def _optimizer(run: Run) -> _Check:
     mean = float(stalls.mean(axis=1).mean())
     # not the summary's mean_stall_ratio (the run's cumulative ratio per layer): the steps judged here only
     what = f"stall ratio {mean:.3g} (mean over layers and flip records after warmup at >= half the peak lr)"
-    if storage in (None, "none"):
+    if keeps_master_copy(storage):
         return _Check(None, [], f"{what} with an fp32 master copy: grid coarseness")
     step = _onset(stalls.max(axis=1) > STALL_RATIO_THRESHOLD, MIN_CONSECUTIVE_RECORDS)
     if step is None:

@@ -38,12 +38,19 @@ LR_KEYS = ("optimizer.lr", "train.lr")
 STORAGE_KEY = "optimizer.weight_storage"
 MASTER_STORAGES = (None, "none", "fp32")
 """``optimizer.weight_storage`` values that keep an fp32 master copy of the weights."""
+MASTER_COPY = "fp32 master"
+"""The storage of a cell whose optimizer keeps an fp32 master copy of the weights."""
 ON_GRID = "on grid (grid optimizer)"
 """The storage of GridOptim, which keeps its weights on the format's grid (it takes no weight_storage)."""
 IDENTITY_LEAVES = (
     "name", "run_name", "out_dir", "output_dir", "run_dir", "dir", "path", "root", "wandb_group", "wandb_tags"
 )  # fmt: skip
 """Config leaves that name or locate a run rather than describe it; never treated as matrix axes."""
+
+
+def keeps_master_copy(storage: Any) -> bool:
+    """Whether an ``optimizer.weight_storage`` value keeps an fp32 master copy of the weights."""
+    return storage is None or str(storage).strip().lower() in MASTER_STORAGES
 
 
 @dataclass
@@ -105,8 +112,8 @@ class Cell:
         storage = self._config(STORAGE_KEY)
         if self.optimizer == "grid":
             return ON_GRID
-        if storage is None or str(storage).strip().lower() in MASTER_STORAGES:
-            return "fp32 master"
+        if keeps_master_copy(storage):
+            return MASTER_COPY
         text = f"{storage} {self._config('optimizer.storage_rounding') or 'nearest'}"
         return text + " + kahan" if self._config("optimizer.kahan") else text
 

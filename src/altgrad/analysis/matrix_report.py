@@ -33,7 +33,7 @@ from altgrad.analysis.comparisons import (
     rule_set_table,
 )
 from altgrad.analysis.document import MISSING, Document, format_cell
-from altgrad.analysis.failure import classify_failure, thresholds_text
+from altgrad.analysis.failure import thresholds_text
 from altgrad.analysis.matrix import Cell, Matrix, load_matrix, short_labels
 from altgrad.analysis.plots import (
     curves_figure,
@@ -46,6 +46,7 @@ from altgrad.analysis.results import (
     GAP_REFERENCE,
     NUMERIC_FIELDS,
     aggregate_over_seeds,
+    cell_failures,
     results_by_cell,
     results_by_seed,
     results_table,
@@ -307,13 +308,12 @@ def _fractions_plot(doc: Document, curves: dict[tuple[str, str], list[Run]]) -> 
 def failure_table(cells: list[Cell]) -> pd.DataFrame:
     """The failure finding of every quantized cell with a run (see ``altgrad.analysis.failure``); the
     forward-cost threshold is relative to the gap to the fp32 baseline cell of the same seed, if any."""
+    findings = cell_failures(cells)
     labels = short_labels(cells)
-    fp32 = {cell.seed: cell.run for cell in cells if cell.baseline == GAP_REFERENCE and cell.run is not None}
     rows = []
     for cell in cells:
-        if cell.baseline or cell.run is None:
+        if (finding := findings.get(cell.name)) is None:
             continue
-        finding = classify_failure(cell.run, baseline=fp32.get(cell.seed))
         rows.append(
             {
                 "cell": cell.name,

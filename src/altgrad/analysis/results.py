@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from altgrad.analysis.failure import classify_failure
+from altgrad.analysis.failure import FailureFinding, classify_failure
 from altgrad.analysis.matrix import Cell, short_labels
 from altgrad.analysis.stats import interval_verdict, mean_ci
 from altgrad.analysis.summaries import STEP_FIELDS, SUMMARY_FIELDS, summarize_run
@@ -62,6 +62,17 @@ def _status(cell: Cell) -> str:
     return cell.status
 
 
+def cell_failures(cells: list[Cell]) -> dict[str, FailureFinding]:
+    """The failure finding of every quantized cell with a run, by cell name: ``classify_failure`` with the
+    fp32 baseline run of the same seed (if any), so that every table of a report gives one finding."""
+    fp32 = {cell.seed: cell.run for cell in cells if cell.baseline == GAP_REFERENCE and cell.run is not None}
+    return {
+        cell.name: classify_failure(cell.run, baseline=fp32.get(cell.seed))
+        for cell in cells
+        if not cell.baseline and cell.run is not None
+    }
+
+
 def results_table(cells: list[Cell]) -> pd.DataFrame:
     """One row per cell: labels, status, every summary figure and the gap to the fp32 baseline.
 
@@ -70,9 +81,10 @@ def results_table(cells: list[Cell]) -> pd.DataFrame:
 
     ``run`` is the run folder (None when the cell has none: then every figure is missing, NaN / None).
     ``gap_to_fp32`` is paired by seed: final val loss - final val loss of the fp32 baseline with the same
-    seed (NaN when there is none). ``failure_mode`` is ``classify_failure``'s mode (None for baselines).
+    seed (NaN when there is none). ``failure_mode`` is ``cell_failures``' mode (None for baselines).
     """
     labels = short_labels(cells)
+    failures = cell_failures(cells)
     rows = []
     for cell in cells:
         figures = summarize_run(cell.run) if cell.run is not None else dict.fromkeys(SUMMARY_FIELDS)
@@ -92,7 +104,7 @@ def results_table(cells: list[Cell]) -> pd.DataFrame:
                 "status": _status(cell),
                 "error": cell.error,
                 "run": None if cell.run is None else str(cell.run.path),
-                "failure_mode": None if cell.baseline or not cell.run else classify_failure(cell.run).mode,
+                "failure_mode": failures[cell.name].mode if cell.name in failures else None,
                 **figures,
             }
         )

@@ -106,7 +106,7 @@ def test_dequantize_means_times_scale_and_refuses_codes() -> None:
     assert y.tolist() == [0.375, -112.0, 0.0]
     y.sum().backward()
     assert q.grad.tolist() == [0.25, 0.25, 0.25]  # d(q * s)/dq = s
-    assert torch.equal(DequantizeFunc.apply(q.detach(), 3.0), q.detach() * 3.0)
+    assert DequantizeFunc.apply(q.detach(), 3.0).tolist() == [4.5, -1344.0, 0.0]
     with pytest.raises(ValueError, match="decode"):
         dequantize(torch.tensor([0x38], dtype=torch.uint8), 1.0)
     assert decode(torch.tensor([0x38], dtype=torch.uint8), E4M3, 2.0).tolist() == [2.0]  # codes: decode
@@ -162,7 +162,7 @@ def test_detect_bit_stall_matches_a_brute_force_loop() -> None:
 def test_stall_ratios_are_never_negative() -> None:
     assert compute_stall_ratio(12, 10) == 0.0  # more flips than updates (drift): 0, not -0.2
     stalled, total = detect_bit_stall(torch.ones(8), torch.full((8,), 1e-9), 1.0, E4M3, 1.0)
-    assert (stalled, total) == (8, 8) and 0.0 <= stalled / total <= 1.0
+    assert (stalled, total) == (8, 8)  # every tiny update stalls: ratio 1, never above
 
 
 def test_stiffness_field_by_mantissa_bits_and_by_format() -> None:

@@ -41,10 +41,6 @@ from torch import nn
 Method = Literal["svd", "gram"]
 METHODS: tuple[str, ...] = ("svd", "gram")
 RANK_METRICS: tuple[str, ...] = ("stable_rank", "effective_rank", "spectral_norm")
-TRENDED_METRICS: tuple[str, ...] = ("effective_rank",)
-"""The metric the monitor's collapse warning reads. Not stable rank: healthy learning drives it to ~1.5
-(one direction dominates the energy while the rest of the spectrum stays), so it cannot tell learning
-from collapse; effective rank counts how many directions carry mass and falls only when they vanish."""
 QUANTIZED_SUFFIX = "_quantized"
 """``stable_rank_quantized`` etc.: the same metrics of the weight the forward uses (quantized layers)."""
 
@@ -455,6 +451,9 @@ class RankHealthMonitor:
         )  # fmt: skip
 
     def _check_collapse(self, layer: str, effective_rank: float, max_rank: int) -> None:
+        """Trend of the effective rank, not the stable rank: healthy learning drives the stable rank to
+        ~1.5 (one direction dominates the energy while the rest of the spectrum stays), so it cannot tell
+        learning from collapse; effective rank counts the directions that carry mass."""
         if not math.isfinite(effective_rank):
             return  # a zero or non-finite matrix: warned about by _check_degenerate, not averaged in
         detector = self.detectors.get((layer, "effective_rank"))

@@ -185,9 +185,15 @@ def compute_scale(
     """
     if not 0 <= scale_min < math.inf:
         raise ValueError(f"scale_min: must be finite and >= 0, got {scale_min!r}")
-    if scale_min > 0:
-        scale = compute_scale(amax, format, margin, power_of_two)
-        return scale.clamp_min(scale_min) if isinstance(scale, torch.Tensor) else max(scale, scale_min)
+    scale = _unfloored_scale(amax, format, margin, power_of_two)
+    if scale_min == 0:
+        return scale
+    return scale.clamp_min(scale_min) if isinstance(scale, torch.Tensor) else max(scale, scale_min)
+
+
+def _unfloored_scale(
+    amax: torch.Tensor | float, format: str | FloatFormat, margin: float, power_of_two: bool
+) -> torch.Tensor | float:
     fmt = get_format(format)
     if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not math.isfinite(margin):
         raise ValueError(f"margin: expected a finite number, got {margin!r}")

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ from altgrad.quantization.flip_metrics import WeightFlipTracker
 from altgrad.quantization.formats import get_format
 from altgrad.quantization.rank_health import RankHealthMonitor
 from altgrad.quantization.stability import FormatShiftController, PartitionRelativeClipper
+from altgrad.utils import seed_everything
 from altgrad.versions import run_versions
 
 from .checkpoint import load_latest_valid, rng_state, save_checkpoint, set_rng_state
@@ -63,12 +63,6 @@ from .run_folder import refuse_existing_run, resume_command, start_fresh
 from .schedule import cosine_with_warmup
 
 EVAL_SEED = 1234  # every run evaluates on the same validation windows
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _quant_plan(config: RunConfig) -> QuantPlan:

@@ -3,6 +3,7 @@
 from .reproducibility import (
     create_reproducible_dataloader,
     get_rng_state,
+    seed_everything,
     seed_worker,
     set_rng_state,
     set_seed_for_reproducibility,
@@ -11,6 +12,7 @@ from .reproducibility import (
 __all__ = [
     "create_reproducible_dataloader",
     "get_rng_state",
+    "seed_everything",
     "seed_worker",
     "set_rng_state",
     "set_seed_for_reproducibility",

@@ -32,19 +32,25 @@ from altgrad.training.checkpoint import set_rng_state
 __all__ = [
     "create_reproducible_dataloader",
     "get_rng_state",
+    "seed_everything",
     "seed_worker",
     "set_rng_state",
     "set_seed_for_reproducibility",
 ]
 
 
-def set_seed_for_reproducibility(seed: int, deterministic: bool = True) -> None:
-    """Seed Python, NumPy and torch (all devices); ``deterministic`` also selects deterministic kernels."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed: expected an int, got {seed!r}")
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global generator and torch (CPU and every CUDA device)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # seeds every CUDA device too
+    torch.manual_seed(seed)
+
+
+def set_seed_for_reproducibility(seed: int, deterministic: bool = True) -> None:
+    """``seed_everything(seed)``; ``deterministic`` also selects deterministic kernels."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed: expected an int, got {seed!r}")
+    seed_everything(seed)
     if deterministic:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False

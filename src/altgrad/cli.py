@@ -30,11 +30,13 @@ def _cmd_formats(args: argparse.Namespace) -> int:
 
 
 def _finished_message(run_dir: Path, summary: dict) -> str:
+    from altgrad.training.run_folder import resume_command
+
     if summary["status"] == "nan_stop":
         return f"{run_dir} stopped on a non-finite value at step {summary['steps']}; nothing to continue"
     return (
         f"{run_dir} is already complete ({summary['steps']} steps); nothing changed. To train further: "
-        f"altgrad train --resume {run_dir} --set train.max_steps=N"
+        f"{resume_command(run_dir)} --set train.max_steps=N"
     )
 
 
@@ -59,6 +61,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config = load_config(args.config, overrides=args.set)
         summary = train(config, overwrite=args.overwrite)
     run_dir = config.run_dir
+    if not is_main_process():  # a data-parallel rank other than 0: rank 0 reports
+        if summary["status"] == "interrupted":
+            return exit_code(summary["signal"])
+        return 0 if summary["status"] == "completed" else 1
     if summary["status"] == "interrupted":
         print(
             f"altgrad: interrupted by {summary['signal']} after step {summary['steps']}; resume with: "
@@ -66,8 +72,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return exit_code(summary["signal"])
-    if not is_main_process():  # a data-parallel rank other than 0: rank 0 reports
-        return 0 if summary["status"] == "completed" else 1
     write_run_report(run_dir)
     keys = ("final_train_loss", "final_val_loss", "mean_stall_ratio")
     figures = {key: _format_number(summary[key]) for key in keys}

@@ -316,3 +316,16 @@ def test_a_format_that_is_not_8_bits_wide_is_announced(tmp_path, capsys):
     alerts = [e["message"] for e in events if e["kind"] == "alert"]
     assert any("E4M4 is 9 bits wide" in message for message in alerts)
     assert not [line for line in err.splitlines() if "bits wide" in line and "E4M3" in line]
+
+
+def test_overwriting_a_run_also_drops_its_tensorboard_events_and_wandb_id(tmp_path):
+    from altgrad.training.loggers import WANDB_ID_FILE
+    from altgrad.training.run_folder import start_fresh
+
+    run_dir = tmp_path / "run"
+    (run_dir / "tensorboard").mkdir(parents=True)
+    (run_dir / "tensorboard" / "events.out.tfevents.1").write_text("old curves")
+    (run_dir / WANDB_ID_FILE).write_text("abc123")
+    (run_dir / "notes.txt").write_text("the user's own file")
+    start_fresh(run_dir)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]

@@ -14,10 +14,12 @@ Example::
 from __future__ import annotations
 
 import shlex
+import shutil
 from pathlib import Path
 
 from .checkpoint import checkpoint_steps
 from .config import ConfigError
+from .loggers import WANDB_ID_FILE
 
 RECORDS = ("config.yaml", "metrics.jsonl", "events.jsonl", "summary.json")
 
@@ -54,3 +56,5 @@ def start_fresh(run_dir: Path) -> None:
         (run_dir / name).unlink(missing_ok=True)
     for step in checkpoint_steps(run_dir / "checkpoints"):
         (run_dir / "checkpoints" / f"step_{step}.pt").unlink()
+    (run_dir / WANDB_ID_FILE).unlink(missing_ok=True)  # a new run gets a new W&B run
+    shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)  # not the old run's curves beside the new

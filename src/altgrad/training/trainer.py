@@ -227,6 +227,10 @@ class Trainer:
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
 
+    def _wall_time(self) -> float:
+        """Seconds of training over every session of the run (resumes included)."""
+        return self.wall_time_before + time.perf_counter() - self.session_started
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
@@ -246,7 +250,7 @@ class Trainer:
             "best_val_loss": self.best_val_loss,
             "first_rank_warning_step": self.first_rank_warning_step,
             "shift_events": self.shift_events,
-            "wall_time_s": self.wall_time_before + time.perf_counter() - self.session_started,
+            "wall_time_s": self._wall_time(),
         }
 
     def _restore(self) -> None:
@@ -446,7 +450,7 @@ class Trainer:
             "resume" if start_step else "start",
             f"{'resumed at' if start_step else 'started'} step {self.step} on {self.device}",
         )
-        for warning in self.startup_warnings:
+        for warning in self.startup_warnings if self.dist.is_main else ():  # once, not once per rank
             print(f"altgrad: warning: {warning}", file=sys.stderr)
             self.logger.event(self.step, "alert", warning)
         tokens_per_step = config.train.batch_size * config.model.block_size
@@ -458,7 +462,7 @@ class Trainer:
             config.train.log_interval,
         )
         status, stop_message = "completed", None
-        started = self.session_started = time.perf_counter()
+        self.session_started = time.perf_counter()
         window_start, window_steps = time.perf_counter(), 0
         diagnostics = config.diagnostics
         stop = StopOnSignal().install()  # SIGINT/SIGTERM: finish the step, then stop below
@@ -497,7 +501,7 @@ class Trainer:
                     record["grad_norm"] = float(record["grad_norm"])
                 record["tokens"] = step * tokens_per_step
                 record["tokens_per_s"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
-                record["elapsed_s"] = self.wall_time_before + time.perf_counter() - started
+                record["elapsed_s"] = self._wall_time()
                 window_start, window_steps = time.perf_counter(), 0
                 if measure["flips"]:
                     record.update(self.tracker.pop_step_metrics())
@@ -542,7 +546,7 @@ class Trainer:
             progress.close()
             if at_boundary:
                 self.save()
-            summary = self._summary(status, self.wall_time_before + time.perf_counter() - started)
+            summary = self._summary(status, self._wall_time())
             summary["signal"] = stop.name if status == "interrupted" else None
             if at_boundary and not self.dist.weights_identical(self.model):
                 self.logger.event(self.step, "alert", "weights differ across ranks (data parallel broken)")

@@ -105,7 +105,8 @@ class TrainingDiagnostics:
                 "format: the model has no QuantizedLinear with a weight format; pass a format (e.g. "
                 "format='E4M3') to track its weight matrices at a per-tensor amax scale"
             )
-        # id(parameter) -> (layer name, its (format, scale) now)
+        # id(parameter) -> (layer name, its (format, scale) now). Named after the QuantizedLinear, not the
+        # parameter: attach_flip_tracker would name a tied lm_head after the embedding it shares.
         tracked: dict[int, tuple[str, Callable[[], FormatAndScale]]] = {}
         for name, layer in with_format.items():
             own = lambda layer=layer: (layer.weight_format, layer.weight_scale())  # noqa: E731

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
+from altgrad.diagnostics.rank_health import rank_metrics_from_singular_values
 from altgrad.jsonio import write_json_atomic
 from altgrad.quantization import E4M3, RankHealthMonitor, WeightFlipTracker, attach_flip_tracker
-from altgrad.quantization.rank_health import rank_metrics_from_singular_values
 from altgrad.training.model import GPT, GPTConfig
 
 VOCAB_SIZE, BLOCK_SIZE = 65, 256

@@ -18,6 +18,7 @@ import torch.nn as nn
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
+from altgrad.diagnostics.flips import WeightFlipTracker  # noqa: E402
 from altgrad.integration import (  # noqa: E402
     LayerQuantSpec,
     QuantizedLinear,
@@ -27,7 +28,6 @@ from altgrad.integration import (  # noqa: E402
     quantized_layers,
 )
 from altgrad.quantization import E4M3  # noqa: E402
-from altgrad.quantization.flip_metrics import WeightFlipTracker  # noqa: E402
 
 VOCAB = 64
 GPT2_BLOCK_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")

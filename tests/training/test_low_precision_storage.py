@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from altgrad.quantization.flip_metrics import WeightFlipTracker
+from altgrad.diagnostics.flips import WeightFlipTracker
 from altgrad.quantization.ops import quantize
 from altgrad.training.checkpoint import load_checkpoint
 from altgrad.training.config import load_config

@@ -51,8 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from altgrad.integration import QuantizedLinear, quantized_layers
-from altgrad.quantization.flip_metrics import (
+from altgrad.diagnostics.flips import (
     FlipTrackerHooks,
     FormatAndScale,
     FormatLike,
@@ -60,11 +59,12 @@ from altgrad.quantization.flip_metrics import (
     layer_name,
     torch_optimizer,
 )
+from altgrad.diagnostics.model_stats import rank_stats
+from altgrad.diagnostics.quant_stats import quant_stats_record
+from altgrad.diagnostics.rank_health import RankHealthMonitor
+from altgrad.integration import QuantizedLinear, quantized_layers
 from altgrad.quantization.formats import get_format
-from altgrad.quantization.rank_health import RankHealthMonitor
 from altgrad.quantization.scaling import compute_scale
-from altgrad.training.metrics import rank_stats
-from altgrad.training.quant_metrics import quant_stats_record
 
 log = logging.getLogger("altgrad")
 

@@ -27,7 +27,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from altgrad.quantization.flip_metrics import FormatLike
+from altgrad.diagnostics.flips import FormatLike
 
 from .diagnostics import TrainingDiagnostics
 

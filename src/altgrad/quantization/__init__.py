@@ -1,4 +1,8 @@
-"""Numerics and diagnostics on tensors: formats, quantize/encode/decode, scaling, flips, rank health."""
+"""Numerics: formats, quantize/encode/decode, scaling, the grid.
+
+The run diagnostics live in ``altgrad.diagnostics``; the names the original AltGrad exported from here
+(``WeightFlipTracker``, ``compute_flip_rate``, the rank-health functions, ...) resolve on first use, so
+that importing the numerics never imports the diagnostics built on them."""
 
 from .compat import (
     FORMAT_REGISTRY,
@@ -9,8 +13,6 @@ from .compat import (
     dequantize,
     detect_bit_stall,
 )
-from .diagnostics import BitStallDetector, crossing_probability, grid_spacing
-from .flip_metrics import WeightFlipTracker, attach_flip_tracker, compute_flip_rate, compute_stall_ratio
 from .formats import (
     BFLOAT16,
     E0M7,
@@ -38,8 +40,8 @@ from .formats import (
     FP8Format,
     get_format,
 )
+from .grid import crossing_probability, grid_spacing
 from .ops import decode, encode, quantize, quantize_compiled
-from .rank_health import RankHealthMonitor, RankTrendDetector, compute_effective_rank, compute_stable_rank
 from .scaling import AmaxHistory, compute_scale, mx_block_scale, mx_quantize, per_channel_scale
 
 __all__ = [
@@ -55,3 +57,17 @@ __all__ = [
     "FORMAT_REGISTRY", "QuantizeFunc", "DequantizeFunc", "ScalingConfig", "detect_bit_stall",
     "compute_stiffness_field",
 ]  # fmt: skip
+
+
+_DIAGNOSTICS = {
+    "BitStallDetector", "RankHealthMonitor", "RankTrendDetector", "WeightFlipTracker", "attach_flip_tracker",
+    "compute_effective_rank", "compute_flip_rate", "compute_stable_rank", "compute_stall_ratio",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> object:
+    if name in _DIAGNOSTICS:
+        import altgrad.diagnostics
+
+        return getattr(altgrad.diagnostics, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

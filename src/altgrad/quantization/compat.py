@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from .diagnostics import grid_spacing
 from .formats import E0M7, E1M6, E2M5, E3M4, E4M3, E5M2, E6M1, E7M0, FloatFormat
+from .grid import grid_spacing
 from .ops import ScaleLike, quantize
 
 FORMAT_REGISTRY: dict[str, FloatFormat] = {

@@ -95,8 +95,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from altgrad.quantization.diagnostics import grid_spacing
 from altgrad.quantization.formats import FloatFormat, get_format
+from altgrad.quantization.grid import grid_spacing
 from altgrad.quantization.ops import quantize
 
 QuantInfo = Callable[[nn.Parameter], "tuple[FloatFormat, torch.Tensor | float] | None"]

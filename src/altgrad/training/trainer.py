@@ -38,13 +38,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from altgrad.diagnostics.flips import WeightFlipTracker
+from altgrad.diagnostics.model_stats import compute_gradient_stats, rank_stats
+from altgrad.diagnostics.optimizer_stats import optimizer_statistics
+from altgrad.diagnostics.quant_stats import quant_stats_record
+from altgrad.diagnostics.rank_health import RankHealthMonitor
 from altgrad.integration import QuantizedLinear, QuantPlan, QuantRule, quantize_model, quantized_layers
 from altgrad.integration.quantized_linear import full_precision_forward
 from altgrad.jsonio import dumps_strict, write_json_atomic, write_text_atomic
-from altgrad.quantization.flip_metrics import WeightFlipTracker
 from altgrad.quantization.formats import get_format
-from altgrad.quantization.rank_health import RankHealthMonitor
-from altgrad.quantization.stability import FormatShiftController, PartitionRelativeClipper
 from altgrad.utils import seed_everything
 from altgrad.versions import run_versions
 
@@ -53,12 +55,10 @@ from .config import RunConfig, apply_overrides, config_from_dict, read_yaml, sav
 from .data import BatchSampler, load_data
 from .distributed import DistributedRun, SilentLogger, rank_seed, set_amax_reduction
 from .interrupt import StopOnSignal
+from .interventions import FormatShiftController, PartitionRelativeClipper
 from .loggers import MetricsLogger, StepProgress
-from .metrics import compute_gradient_stats, rank_stats
 from .models import build_model
 from .optimizer import build_optimizer
-from .optimizer_diagnostics import optimizer_statistics
-from .quant_metrics import quant_stats_record
 from .run_folder import refuse_existing_run, resume_command, start_fresh
 from .schedule import cosine_with_warmup
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from altgrad.diagnostics.quant_stats import quant_stats_record
 from altgrad.integration import STAT_FIELDS
 from altgrad.training.config import load_config
-from altgrad.training.quant_metrics import quant_stats_record
 from altgrad.training.trainer import Trainer, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .formats import FORMATS, FloatFormat, get_format
+from altgrad.quantization.formats import FORMATS, FloatFormat, get_format
 
 ScaleLike = torch.Tensor | float
 

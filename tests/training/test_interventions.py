@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from altgrad.quantization import E0M7, E3M4, E4M3, E5M2, get_format
-from altgrad.quantization.stability import (
+from altgrad.training.interventions import (
     FormatShift,
     FormatShiftController,
     PartitionRelativeClipper,

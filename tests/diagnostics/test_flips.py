@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-import altgrad.quantization.flip_metrics as flip_metrics
+import altgrad.diagnostics.flips as flip_metrics
 from altgrad.quantization import (
     E4M3,
     E5M2,

@@ -25,7 +25,7 @@ from altgrad.quantization import (
     encode,
     grid_spacing,
 )
-from altgrad.quantization.diagnostics import grid_position
+from altgrad.quantization.grid import grid_position
 
 EIGHT_BIT = [E0M7, E1M6, E2M5, E3M4, E4M3, E5M2, E6M1, E7M0, FLOAT8_E4M3FNUZ]
 

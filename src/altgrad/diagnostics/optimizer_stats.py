@@ -34,10 +34,9 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from altgrad.quantization.diagnostics import grid_spacing
+from altgrad.quantization.grid import grid_spacing
 from altgrad.quantization.ops import quantize
-
-from .optimizer import QuantInfo
+from altgrad.training.optimizer import QuantInfo
 
 
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

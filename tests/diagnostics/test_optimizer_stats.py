@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from altgrad.diagnostics.optimizer_stats import optimizer_statistics
 from altgrad.quantization import E0M7, E4M3
 from altgrad.training.optimizer import GridOptim, ManifoldAdamW
-from altgrad.training.optimizer_diagnostics import optimizer_statistics
 
 
 def test_hand_computed_statistics():

@@ -9,16 +9,16 @@ import pytest
 import torch
 from torch import nn
 
+from altgrad.diagnostics.rank_health import (
+    compute_rank_metrics,
+    rank_metrics_from_singular_values,
+    singular_values,
+)
 from altgrad.quantization import (
     RankHealthMonitor,
     RankTrendDetector,
     compute_effective_rank,
     compute_stable_rank,
-)
-from altgrad.quantization.rank_health import (
-    compute_rank_metrics,
-    rank_metrics_from_singular_values,
-    singular_values,
 )
 
 

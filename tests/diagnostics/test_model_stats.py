@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from altgrad.diagnostics.model_stats import compute_gradient_stats, compute_rank_stats
 from altgrad.quantization import compute_effective_rank, compute_stable_rank
-from altgrad.training.metrics import compute_gradient_stats, compute_rank_stats
 
 
 def _model() -> nn.Module:

@@ -160,6 +160,16 @@ def test_uniform_grids_and_identical_formats_are_flagged_equivalent(scaling):
     }  # fmt: skip
 
 
+def test_equivalence_follows_the_grid_not_the_name():
+    g = grid(
+        axes={"quant.weight": ["E4M3", "e4m3:bias=8,specials=fn", "e4m3:bias=8", "none", "fp32"]},
+    )
+    equivalent = {cell.name: cell.equivalent_to for cell in g.cells if cell.equivalent_to}
+    assert equivalent == {"e4m3_bias_8_specials_fn": "E4M3", "fp32": "none"}  # specials=none is another grid
+    storage = grid(axes={"optimizer.name": ["adamw"], "optimizer.weight_storage": ["E1M6", "E0M7"]})
+    assert [cell.equivalent_to for cell in storage.cells] == [None, None]  # stored at scale 1: no absorbing
+
+
 def test_no_equivalence_when_format_shifts_follow_the_ladder_by_name():
     base = {**TINY, "stability": {"format_shift": True}}
     g = grid(base=base, axes={"quant.weight,quant.activation": ["E1M6", "E0M7", "E4M3", "float8_e4m3fn"]})
@@ -178,14 +188,18 @@ def test_equivalence_needs_every_other_setting_equal():
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("scaling", ["delayed", "current", "per_channel", "mx"])
-def test_e0m7_and_e1m6_layers_compute_the_same_numbers(scaling):
+@pytest.mark.parametrize("scaling", ["delayed", "current", "per_channel", "rowwise", "mx"])
+@pytest.mark.parametrize(
+    ("first", "second"), [("E0M7", "E1M6"), ("E1M6", "e1m6:bias=3"), ("E4M3", "e4m3:bias=9,specials=fn")]
+)
+def test_layers_of_the_same_grid_compute_the_same_numbers(scaling, first, second):
     """The claim behind the flag, checked on the real quantized layer: outputs and gradients coincide."""
     integration = pytest.importorskip("altgrad.integration", reason="altgrad.integration does not import yet")
-    from altgrad.quantization.formats import E0M7, E1M6, E5M2
+    from altgrad.quantization.formats import E5M2, get_format, same_grid
 
+    assert same_grid(first, second)
     results = []
-    for fmt in (E0M7, E1M6):
+    for fmt in (get_format(first), get_format(second)):
         torch.manual_seed(0)
         linear = torch.nn.Linear(64, 32)
         spec = integration.LayerQuantSpec(weight=fmt, activation=fmt, grad=E5M2, scaling=scaling)

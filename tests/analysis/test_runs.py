@@ -111,3 +111,17 @@ def test_missing_folders_raise(tmp_path, synth):
         load_run(tmp_path)
     with pytest.raises(FileNotFoundError, match="no such folder"):
         find_runs(tmp_path / "nope")
+
+
+@pytest.mark.parametrize(
+    ("storage", "master"),
+    [(None, True), ("none", True), ("FP32", True), (" none ", True), ("", True),
+     ("quantized", False), ("E4M3", False), ("e5m2", False), (3, False)],
+)  # fmt: skip
+def test_weight_storage_keeps_a_master_copy_for_every_spelling_of_no_format(storage, master):
+    from altgrad.analysis.matrix import keeps_master_copy
+    from altgrad.quantization.formats import parse_format
+
+    assert keeps_master_copy(storage) is master
+    if isinstance(storage, str) and storage != "quantized":
+        assert (parse_format(storage) is None) is master  # the same spellings as the one parser

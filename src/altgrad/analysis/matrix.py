@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from altgrad.analysis.runs import Run, find_runs, flatten, load_run, lookup, render_value
+from altgrad.quantization.formats import NO_FORMAT_NAMES
 
 MATRIX_FILE = "matrix.json"
 BASELINE_PRECISIONS = ("fp32", "bf16")
@@ -36,8 +37,6 @@ BASELINE_KEY_PREFIXES = ("quant.", "train.precision")
 LR_KEYS = ("optimizer.lr", "train.lr")
 """Assignment keys that set a learning rate: cells differing only in these are one optimizer's lr sweep."""
 STORAGE_KEY = "optimizer.weight_storage"
-MASTER_STORAGES = (None, "none", "fp32")
-"""``optimizer.weight_storage`` values that keep an fp32 master copy of the weights."""
 MASTER_COPY = "fp32 master"
 """The storage of a cell whose optimizer keeps an fp32 master copy of the weights."""
 ON_GRID = "on grid (grid optimizer)"
@@ -49,8 +48,9 @@ IDENTITY_LEAVES = (
 
 
 def keeps_master_copy(storage: Any) -> bool:
-    """Whether an ``optimizer.weight_storage`` value keeps an fp32 master copy of the weights."""
-    return storage is None or str(storage).strip().lower() in MASTER_STORAGES
+    """Whether an ``optimizer.weight_storage`` value keeps an fp32 master copy of the weights: None or a
+    name of "no format" (``formats.NO_FORMAT_NAMES``)."""
+    return storage is None or (isinstance(storage, str) and storage.strip().lower() in NO_FORMAT_NAMES)
 
 
 @dataclass

@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from altgrad.quantization.formats import FloatFormat
+from altgrad.quantization.formats import FloatFormat, format_name
 from altgrad.quantization.ops import quantize
 from altgrad.quantization.scaling import (
     AmaxHistory,
@@ -291,7 +291,7 @@ class QuantizedLinear(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        names = {kind: (fmt.name if (fmt := self.spec.format_of(kind)) else "none") for kind in TENSOR_KINDS}
+        names = {kind: format_name(self.spec.format_of(kind)) for kind in TENSOR_KINDS}
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, "

@@ -125,3 +125,13 @@ def test_weight_storage_keeps_a_master_copy_for_every_spelling_of_no_format(stor
     assert keeps_master_copy(storage) is master
     if isinstance(storage, str) and storage != "quantized":
         assert (parse_format(storage) is None) is master  # the same spellings as the one parser
+
+
+def test_reading_runs_imports_no_torch():
+    """Analysis reads run folders; the format numerics it consults (equivalent grids) load on first use."""
+    import subprocess
+    import sys
+
+    code = "import sys, altgrad.analysis; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

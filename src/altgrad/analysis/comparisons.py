@@ -22,8 +22,6 @@ import pandas as pd
 from altgrad.analysis.matrix import FORMAT_KEYS, Cell
 from altgrad.analysis.runs import lookup, render_value
 from altgrad.analysis.stats import paired_difference
-from altgrad.integration.quant_spec import SCALING_MODES
-from altgrad.quantization.formats import parse_format, same_grid
 
 STANDARD_OPTIMIZERS = ("adamw", "adam", "sgd")
 """The reference in each comparison is the first of these present for the setting."""
@@ -135,6 +133,8 @@ def absorbs_grid_scale(config: dict) -> bool | None:
     mode of ``SCALING_MODES``, all of which set the scale from the amax relative to the format's range,
     and no format shifts, which would walk E1M6 and E0M7 to different formats); None when the config
     does not say its scaling mode."""
+    from altgrad.integration.quant_spec import SCALING_MODES  # here: reading runs needs no torch
+
     scaling = lookup(config, "quant.scaling")
     if scaling is None:
         return None
@@ -201,6 +201,8 @@ def _swapped_key(a: Cell, b: Cell) -> str | None:
 
 def _same_grid_formats(first: Any, second: Any) -> bool:
     """Whether two assignment values are formats (full precision excluded) of the same grid."""
+    from altgrad.quantization.formats import parse_format, same_grid  # here: reading runs needs no torch
+
     try:
         formats = [parse_format(value) if isinstance(value, str) else None for value in (first, second)]
     except ValueError:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from altgrad.analysis.runs import Run, find_runs, flatten, load_run, lookup, render_value
-from altgrad.quantization.formats import NO_FORMAT_NAMES
 
 MATRIX_FILE = "matrix.json"
 BASELINE_PRECISIONS = ("fp32", "bf16")
@@ -50,6 +49,8 @@ IDENTITY_LEAVES = (
 def keeps_master_copy(storage: Any) -> bool:
     """Whether an ``optimizer.weight_storage`` value keeps an fp32 master copy of the weights: None or a
     name of "no format" (``formats.NO_FORMAT_NAMES``)."""
+    from altgrad.quantization.formats import NO_FORMAT_NAMES  # here: reading a matrix needs no torch
+
     return storage is None or (isinstance(storage, str) and storage.strip().lower() in NO_FORMAT_NAMES)
 
 

@@ -331,3 +331,32 @@ def test_cells_log_to_wandb_grouped_by_matrix_and_tagged_with_their_settings():
     )
     assert baseline.config.logging.wandb_tags == ["quant.enabled=false", "seed=0"]
     assert g.cells[2].equivalent_to == "E1M6-s0"  # the tags differ; the logging keys change no result
+
+
+def test_one_cell_class_from_the_grid_to_the_report(tmp_path):
+    """The grid's cells are the report's cells; matrix.json written from them reads back equal."""
+    import dataclasses
+
+    from altgrad import analysis, experiments
+    from altgrad.analysis.matrix import load_matrix
+    from altgrad.experiments.runner import _record, write_matrix_json
+
+    assert experiments.Cell is analysis.Cell
+    g = expand_grid(
+        {"base": TINY, "out_dir": str(tmp_path), "name": "m", "axes": {"quant.weight": ["E1M6", "E0M7"]},
+         "baselines": {"fp32": {"quant.enabled": False}}}
+    )  # fmt: skip
+    statuses = [("completed", None), ("failed", "RuntimeError: x"), ("pending", None)]
+    write_matrix_json(g, [_record(cell, *status) for cell, status in zip(g.cells, statuses, strict=True)])
+    read = load_matrix(g.matrix_dir).cells
+    fields = ("name", "assignment", "baseline", "status", "error", "equivalent_to")
+    expected = [
+        dataclasses.replace(cell, status=s, error=e) for cell, (s, e) in zip(g.cells, statuses, strict=True)
+    ]
+    assert [[getattr(c, f) for f in fields] for c in read] == [
+        [getattr(c, f) for f in fields] for c in expected
+    ]
+    assert read[1].equivalent_to == "E1M6" and read[2].baseline == "fp32"
+    assert (
+        g.cells[1].run_dir == tmp_path / "m" / "E0M7" and g.cells[1].optimizer == "adamw"
+    )  # from its config

@@ -35,7 +35,9 @@ the logging keys are no part of a cell's identity (equivalence, include de-dupli
 
 Cell names join one short token per axis in axis order: strings as they are, numbers prefixed by the
 key's last part (``seed`` -> ``s0``, ``train.lr`` -> ``lr0.001``), compound values by label, all
-sanitized to ``[A-Za-z0-9_.-]``: ``E4M3-adamw-uniform-s0``; a baseline is ``fp32-s0``.
+sanitized to ``[A-Za-z0-9_.-]``: ``E4M3-adamw-uniform-s0``; a baseline is ``fp32-s0``. A cell is an
+``altgrad.analysis.matrix.Cell`` holding its validated ``config``: the class the report reads
+matrix.json back into.
 
 Equivalent cells: two formats whose values are equal up to a power-of-two factor, with the same
 special values (``formats.same_grid``: E1M6 and E0M7, ``float8_e4m3fn`` and E4M3, E1M6 at any
@@ -69,6 +71,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from altgrad.analysis.matrix import Cell
 from altgrad.integration.quant_spec import UNSET
 from altgrad.quantization.formats import FloatFormat, grid_key, parse_format
 from altgrad.training.config import ConfigError, RunConfig, config_from_dict, parse_yaml
@@ -80,21 +83,6 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 class GridError(ConfigError):
     """A problem in a grid file; the message names the grid, the cell or entry, and the key."""
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One run of the matrix: its name, what the grid set, and the validated config."""
-
-    name: str
-    assignment: dict[str, Any]  # key path -> value (the label for compound values)
-    config: RunConfig
-    baseline: str | None = None
-    equivalent_to: str | None = None
-
-    @property
-    def run_dir(self) -> Path:
-        return self.config.run_dir
 
 
 @dataclass(frozen=True)
@@ -329,7 +317,7 @@ def expand_grid(spec: dict[str, Any], root: Path = Path("."), default_name: str 
         except ConfigError as error:
             where = " ".join(f"{k}={v.label}" for k, v in settings.items())
             raise GridError(f"cell {cell_name!r} ({where}): {error}") from None
-        return Cell(cell_name, assignment, config, baseline)
+        return Cell(cell_name, assignment, baseline, base=config.to_dict(), config=config)
 
     try:
         resolved_base = resolve({}, name)[0]

@@ -224,6 +224,7 @@ def test_a_bad_spec_is_a_one_line_error(build, message):
             "quant.rules=[{pattern: x, grad: e4m3x}]",
             "config key 'quant.rules.0.grad': unknown format 'e4m3x'",
         ),
+        ("quant.rules=[{pattern: ''}]", "config key 'quant': pattern: expected a non-empty module-name glob"),
     ],
 )
 def test_a_bad_quant_key_is_a_one_line_config_error(override, message):

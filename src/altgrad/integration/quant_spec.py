@@ -44,7 +44,8 @@ from altgrad.quantization.scaling import AMAX_COMPUTE_ALGOS, MX_ROUNDINGS
 
 TENSOR_KINDS: tuple[str, ...] = ("weight", "activation", "grad")
 SCALING_MODES: tuple[str, ...] = ("delayed", "current", "per_channel", "rowwise", "mx")
-"""Every mode sets the scale from the amax relative to the format's range (``formats.grid_key``)."""
+"""Every mode sets the scale from the amax relative to the format's range, so each absorbs the power-of-two
+factor between two formats of one grid (``formats.grid_key``)."""
 ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
 UNSET = "unset"
 """A rule's value for a tensor kind it does not override."""

@@ -171,6 +171,11 @@ class QuantConfig(_Section):
     def _known_format(cls, value: str | None) -> str | None:
         return _check_format(value)
 
+    @model_validator(mode="after")
+    def _a_valid_plan(self) -> QuantConfig:
+        self.plan()  # what the schema cannot see (an empty rule pattern) is an error now, not at the run
+        return self
+
     def plan(self) -> QuantPlan:
         """The QuantPlan these keys describe (what ``quantize_model`` applies when ``enabled``)."""
         return QuantPlan.from_dict(self.model_dump())

@@ -242,6 +242,31 @@ def test_equivalence_needs_amax_scaling_without_format_shifts(tmp_path, synth, s
     assert paired or "not treated as the same grid" in notes[0]
 
 
+@pytest.mark.parametrize(
+    ("formats", "storages", "paired"),
+    [
+        (("E1M6", "E0M7"), (None, None), True),
+        (("E4M3", "float8_e4m3fn"), (None, None), True),
+        (("E1M6", "e1m6:bias=3"), (None, None), True),
+        (("E4M3", "E3M4"), (None, None), False),
+        (("E4M3", "e4m3:bias=8"), (None, None), False),  # no NaN code: another grid
+        (("E4M3", "E4M3"), ("E1M6", "E0M7"), False),  # weight storage is at scale 1: nothing absorbs 2^k
+    ],
+)
+def test_equivalent_pairs_are_the_same_grid_in_quant_formats_only(tmp_path, synth, formats, storages, paired):
+    for name, fmt, storage in zip(("a", "b"), formats, storages, strict=True):
+        config = synth.config_for(name, fmt=fmt, scaling="rowwise", weight_storage=storage)
+        synth.write_run(tmp_path / name, config, synth.metric_records(3))
+    pairs, notes = find_equivalent_pairs(load_matrix(tmp_path).cells)
+    assert [(pair.first.name, pair.second.name) for pair in pairs] == ([("a", "b")] if paired else [])
+    assert notes == []
+    if paired:
+        assert pairs[0].reason == (
+            f"quant.activation: {formats[0]} vs {formats[1]}; quant.weight: {formats[0]} vs {formats[1]} "
+            "under amax scaling"
+        )
+
+
 def test_rule_sets_sweet_spot(matrix_dir, synth):
     markdown = (matrix_dir / "report.md").read_text()
     assert "Best rule set (adamw): attn_e4m3 with final val loss 3 over 1 seed(s)." in markdown

@@ -111,3 +111,27 @@ def test_missing_folders_raise(tmp_path, synth):
         load_run(tmp_path)
     with pytest.raises(FileNotFoundError, match="no such folder"):
         find_runs(tmp_path / "nope")
+
+
+@pytest.mark.parametrize(
+    ("storage", "master"),
+    [(None, True), ("none", True), ("FP32", True), (" none ", True), ("", True),
+     ("quantized", False), ("E4M3", False), ("e5m2", False), (3, False)],
+)  # fmt: skip
+def test_weight_storage_keeps_a_master_copy_for_every_spelling_of_no_format(storage, master):
+    from altgrad.analysis.matrix import keeps_master_copy
+    from altgrad.quantization.formats import parse_format
+
+    assert keeps_master_copy(storage) is master
+    if isinstance(storage, str) and storage != "quantized":
+        assert (parse_format(storage) is None) is master  # the same spellings as the one parser
+
+
+def test_reading_runs_imports_no_torch():
+    """Analysis reads run folders; the format numerics it consults (equivalent grids) load on first use."""
+    import subprocess
+    import sys
+
+    code = "import sys, altgrad.analysis; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

@@ -160,6 +160,16 @@ def test_uniform_grids_and_identical_formats_are_flagged_equivalent(scaling):
     }  # fmt: skip
 
 
+def test_equivalence_follows_the_grid_not_the_name():
+    g = grid(
+        axes={"quant.weight": ["E4M3", "e4m3:bias=8,specials=fn", "e4m3:bias=8", "none", "fp32"]},
+    )
+    equivalent = {cell.name: cell.equivalent_to for cell in g.cells if cell.equivalent_to}
+    assert equivalent == {"e4m3_bias_8_specials_fn": "E4M3", "fp32": "none"}  # specials=none is another grid
+    storage = grid(axes={"optimizer.name": ["adamw"], "optimizer.weight_storage": ["E1M6", "E0M7"]})
+    assert [cell.equivalent_to for cell in storage.cells] == [None, None]  # stored at scale 1: no absorbing
+
+
 def test_no_equivalence_when_format_shifts_follow_the_ladder_by_name():
     base = {**TINY, "stability": {"format_shift": True}}
     g = grid(base=base, axes={"quant.weight,quant.activation": ["E1M6", "E0M7", "E4M3", "float8_e4m3fn"]})
@@ -178,14 +188,18 @@ def test_equivalence_needs_every_other_setting_equal():
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("scaling", ["delayed", "current", "per_channel", "mx"])
-def test_e0m7_and_e1m6_layers_compute_the_same_numbers(scaling):
+@pytest.mark.parametrize("scaling", ["delayed", "current", "per_channel", "rowwise", "mx"])
+@pytest.mark.parametrize(
+    ("first", "second"), [("E0M7", "E1M6"), ("E1M6", "e1m6:bias=3"), ("E4M3", "e4m3:bias=9,specials=fn")]
+)
+def test_layers_of_the_same_grid_compute_the_same_numbers(scaling, first, second):
     """The claim behind the flag, checked on the real quantized layer: outputs and gradients coincide."""
     integration = pytest.importorskip("altgrad.integration", reason="altgrad.integration does not import yet")
-    from altgrad.quantization.formats import E0M7, E1M6, E5M2
+    from altgrad.quantization.formats import E5M2, get_format, same_grid
 
+    assert same_grid(first, second)
     results = []
-    for fmt in (E0M7, E1M6):
+    for fmt in (get_format(first), get_format(second)):
         torch.manual_seed(0)
         linear = torch.nn.Linear(64, 32)
         spec = integration.LayerQuantSpec(weight=fmt, activation=fmt, grad=E5M2, scaling=scaling)
@@ -317,3 +331,32 @@ def test_cells_log_to_wandb_grouped_by_matrix_and_tagged_with_their_settings():
     )
     assert baseline.config.logging.wandb_tags == ["quant.enabled=false", "seed=0"]
     assert g.cells[2].equivalent_to == "E1M6-s0"  # the tags differ; the logging keys change no result
+
+
+def test_one_cell_class_from_the_grid_to_the_report(tmp_path):
+    """The grid's cells are the report's cells; matrix.json written from them reads back equal."""
+    import dataclasses
+
+    from altgrad import analysis, experiments
+    from altgrad.analysis.matrix import load_matrix
+    from altgrad.experiments.runner import _record, write_matrix_json
+
+    assert experiments.Cell is analysis.Cell
+    g = expand_grid(
+        {"base": TINY, "out_dir": str(tmp_path), "name": "m", "axes": {"quant.weight": ["E1M6", "E0M7"]},
+         "baselines": {"fp32": {"quant.enabled": False}}}
+    )  # fmt: skip
+    statuses = [("completed", None), ("failed", "RuntimeError: x"), ("pending", None)]
+    write_matrix_json(g, [_record(cell, *status) for cell, status in zip(g.cells, statuses, strict=True)])
+    read = load_matrix(g.matrix_dir).cells
+    fields = ("name", "assignment", "baseline", "status", "error", "equivalent_to")
+    expected = [
+        dataclasses.replace(cell, status=s, error=e) for cell, (s, e) in zip(g.cells, statuses, strict=True)
+    ]
+    assert [[getattr(c, f) for f in fields] for c in read] == [
+        [getattr(c, f) for f in fields] for c in expected
+    ]
+    assert read[1].equivalent_to == "E1M6" and read[2].baseline == "fp32"
+    assert (
+        g.cells[1].run_dir == tmp_path / "m" / "E0M7" and g.cells[1].optimizer == "adamw"
+    )  # from its config

@@ -31,6 +31,9 @@ from altgrad.quantization.formats import (
     FORMATS,
     FloatFormat,
     get_format,
+    grid_key,
+    parse_format,
+    same_grid,
 )
 from references import CUSTOM_SPECS, gfloat_info, same_values
 
@@ -400,3 +403,73 @@ def test_describe_row():
     }
     assert E0M7.describe()["bias"] == "-"
     assert E7M0.describe()["min_subnormal"] == "-"
+
+
+# ---- "no format" and equivalent formats -----------------------------------------------------------------
+
+
+NO_FORMAT_SPELLINGS = [None, "none", "None", "NONE", " none ", "fp32", "FP32", " Fp32", "", "  "]
+
+
+@pytest.mark.parametrize("spelling", NO_FORMAT_SPELLINGS)
+def test_every_spelling_of_no_format_parses_to_none(spelling):
+    assert parse_format(spelling) is None
+
+
+@pytest.mark.parametrize("spelling", ["E4M3", "e4m3", " E4M3 ", E4M3, "torch.float8_e4m3fn"])
+def test_parse_format_reads_names_like_get_format(spelling):
+    assert parse_format(spelling) == get_format("float8_e4m3fn" if "torch" in str(spelling) else "E4M3")
+
+
+@pytest.mark.parametrize("bad", ["unset", "fp16", "e9m9", "E4M3 fn"])
+def test_parse_format_rejects_what_is_neither_a_format_nor_no_format(bad):
+    with pytest.raises(ValueError, match="format") as error:
+        parse_format(bad)
+    assert "\n" not in str(error.value)
+
+
+EQUIVALENCE_FORMATS = [
+    *(name for name, fmt in FORMATS.items() if fmt.total_bits <= 8),
+    *CUSTOM_SPECS,
+    "e4m3:bias=8,specials=fn", "e4m3:bias=8", "e1m6:bias=3", "e0m7:bias=5", "e0m7:specials=fn",
+    "e1m6:specials=fn", "e2m0:specials=ieee", "e1m1:specials=fn", "e1m1", "e0m2", "e3m4:bias=2",
+]  # fmt: skip
+
+
+def _brute_force_same_grid(a: FloatFormat, b: FloatFormat) -> bool:
+    """Decode every code from its bits; equal special values, and finite value sets equal after
+    multiplying one by the power of two that maps its largest finite value onto the other's."""
+
+    def parts(fmt: FloatFormat) -> tuple[set[float], tuple[bool, bool, bool]]:
+        values = reference_table(fmt)
+        negative_zero = any(v == 0 and math.copysign(1.0, v) < 0 for v in values)
+        specials = (bool(np.isinf(values).any()), bool(np.isnan(values).any()), negative_zero)
+        return set(values[np.isfinite(values)].tolist()), specials
+
+    (finite_a, specials_a), (finite_b, specials_b) = parts(a), parts(b)
+    k = math.log2(max(finite_b) / max(finite_a))
+    if specials_a != specials_b or k != int(k):
+        return False
+    return {math.ldexp(v, int(k)) for v in finite_a} == finite_b
+
+
+def test_same_grid_agrees_with_brute_force_on_every_pair():
+    fmts = [get_format(name) for name in EQUIVALENCE_FORMATS]
+    found = {
+        (a.name, b.name) for a in fmts for b in fmts if a.name < b.name and _brute_force_same_grid(a, b)
+    }
+    for a in fmts:
+        for b in fmts:
+            assert same_grid(a, b) == _brute_force_same_grid(a, b), (a.name, b.name)
+    # the pairs that exist, so that the test would fail if same_grid said False everywhere
+    assert {("E0M7", "E1M6"), ("E4M3", "float8_e4m3fn"), ("E4M3", "E4M3:bias=8,specials=fn")} <= found
+    assert {("E0M7", "E0M7:bias=5"), ("E1M6", "E1M6:bias=3"), ("E0M2", "E1M1")} <= found
+    assert ("E1M1:specials=fn", "E2M0:specials=ieee") not in found  # 3 magnitudes each; inf vs NaN
+    assert ("E0M7:specials=fn", "E1M6") not in found
+
+
+def test_same_grid_of_no_format_and_names():
+    assert same_grid("none", None) and same_grid("fp32", "")
+    assert not same_grid("none", "E4M3") and not same_grid(E4M3, None)
+    assert same_grid("E1M6", "e0m7") and same_grid(E0M7, "E0M7")
+    assert grid_key(E1M6) == grid_key(E0M7) and grid_key(E1M6) != grid_key(E5M2)

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from altgrad.analysis.matrix import Cell
+from altgrad.analysis.matrix import FORMAT_KEYS, Cell
 from altgrad.analysis.runs import lookup, render_value
 from altgrad.analysis.stats import paired_difference
 
@@ -34,13 +35,8 @@ SELECTION_BIAS = (
     "the comparison between them roughly fair; a gap to the unswept fp32 baseline is biased towards 0). "
     "For an unbiased check, rerun the chosen lrs on new seeds."
 )
-EQUIVALENT_FORMATS = ("E1M6", "E0M7")
-"""The same uniform grid of 128 magnitudes up to a power-of-two factor, which amax scaling absorbs."""
 EQUIVALENCE_RTOL = 1e-3
 """Equivalent cells coincide when their losses agree to this relative tolerance."""
-AMAX_SCALINGS = ("delayed", "current", "per_channel", "mx")
-"""``quant.scaling`` modes that set the scale from the amax relative to the format's range (per tensor from
-an amax history or the current amax, per output channel, per MX block as a power of two)."""
 
 
 def lr_sweep(table: pd.DataFrame) -> pd.DataFrame:
@@ -133,13 +129,16 @@ def optimizer_comparison(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def absorbs_grid_scale(config: dict) -> bool | None:
-    """True when the config's scaling absorbs a power-of-two factor between equivalent grids (an amax
-    scaling mode and no format shifts, which would walk E1M6 and E0M7 to different formats); None when
-    the config does not say its scaling mode."""
+    """True when the config's scaling absorbs a power-of-two factor between equivalent grids (a scaling
+    mode of ``SCALING_MODES``, all of which set the scale from the amax relative to the format's range,
+    and no format shifts, which would walk E1M6 and E0M7 to different formats); None when the config
+    does not say its scaling mode."""
+    from altgrad.integration.quant_spec import SCALING_MODES  # here: reading runs needs no torch
+
     scaling = lookup(config, "quant.scaling")
     if scaling is None:
         return None
-    return str(scaling) in AMAX_SCALINGS and lookup(config, "stability.format_shift") is not True
+    return str(scaling) in SCALING_MODES and lookup(config, "stability.format_shift") is not True
 
 
 @dataclass
@@ -152,8 +151,9 @@ class EquivalentPair:
 
 
 def find_equivalent_pairs(cells: list[Cell]) -> tuple[list[EquivalentPair], list[str]]:
-    """Pairs marked ``equivalent_to`` in matrix.json, and E1M6 / E0M7 cells under amax scaling that agree
-    on every other axis. Also returns notes on E1M6 / E0M7 pairs that could not be confirmed."""
+    """Pairs marked ``equivalent_to`` in matrix.json, and cells under amax scaling whose quant formats are
+    the same grids (``formats.same_grid``: E1M6 / E0M7, E4M3 / float8_e4m3fn) and that agree on every
+    other axis. Also returns notes on such pairs that could not be confirmed."""
     by_name = {cell.name: cell for cell in cells}
     pairs: dict[frozenset, EquivalentPair] = {}
     notes = []
@@ -172,28 +172,42 @@ def find_equivalent_pairs(cells: list[Cell]) -> tuple[list[EquivalentPair], list
                 continue
             scaling = [None if c.run is None else absorbs_grid_scale(c.run.config) for c in (a, b)]
             if all(scaling):
-                reason = f"{swapped}: E1M6 vs E0M7 under amax scaling"
+                reason = f"{swapped} under amax scaling"
                 pairs[frozenset((a.name, b.name))] = EquivalentPair(a, b, reason)
             else:
                 notes.append(
-                    f"{a.name} vs {b.name}: E1M6 vs E0M7, but the configs do not show amax scaling without "
+                    f"{a.name} vs {b.name}: {swapped}, but the configs do not show amax scaling without "
                     "format shifts for both, so they are not treated as the same grid"
                 )
     return list(pairs.values()), notes
 
 
 def _swapped_key(a: Cell, b: Cell) -> str | None:
-    """The assignment keys where ``a`` has E1M6 and ``b`` E0M7, all other assignments equal; else None."""
+    """``"quant.weight: E1M6 vs E0M7"`` when the assignments of ``a`` and ``b`` differ only in quant
+    format keys (``FORMAT_KEYS``), each by two different formats of the same grid; else None."""
     if a.baseline or b.baseline or a.assignment.keys() != b.assignment.keys():
         return None
     differing = [
         key for key in a.assignment if render_value(a.assignment[key]) != render_value(b.assignment[key])
     ]
-    swapped = all(
-        (str(a.assignment[key]).upper(), str(b.assignment[key]).upper()) == EQUIVALENT_FORMATS
+    same = [
+        set(key.split(",")) <= set(FORMAT_KEYS) and _same_grid_formats(a.assignment[key], b.assignment[key])
         for key in differing
-    )
-    return ", ".join(differing) if differing and swapped else None
+    ]
+    if not differing or not all(same):
+        return None
+    return "; ".join(f"{key}: {a.assignment[key]} vs {b.assignment[key]}" for key in differing)
+
+
+def _same_grid_formats(first: Any, second: Any) -> bool:
+    """Whether two assignment values are formats (full precision excluded) of the same grid."""
+    from altgrad.quantization.formats import parse_format, same_grid  # here: reading runs needs no torch
+
+    try:
+        formats = [parse_format(value) if isinstance(value, str) else None for value in (first, second)]
+    except ValueError:
+        return False
+    return None not in formats and same_grid(*formats)
 
 
 def _relative_difference(a: float, b: float) -> float:

@@ -21,9 +21,12 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from altgrad.analysis.runs import Run, find_runs, flatten, load_run, lookup, render_value
+
+if TYPE_CHECKING:  # the grid builds cells with their validated config; reading a matrix needs none
+    from altgrad.training.config import RunConfig
 
 MATRIX_FILE = "matrix.json"
 BASELINE_PRECISIONS = ("fp32", "bf16")
@@ -36,8 +39,6 @@ BASELINE_KEY_PREFIXES = ("quant.", "train.precision")
 LR_KEYS = ("optimizer.lr", "train.lr")
 """Assignment keys that set a learning rate: cells differing only in these are one optimizer's lr sweep."""
 STORAGE_KEY = "optimizer.weight_storage"
-MASTER_STORAGES = (None, "none", "fp32")
-"""``optimizer.weight_storage`` values that keep an fp32 master copy of the weights."""
 MASTER_COPY = "fp32 master"
 """The storage of a cell whose optimizer keeps an fp32 master copy of the weights."""
 ON_GRID = "on grid (grid optimizer)"
@@ -49,13 +50,19 @@ IDENTITY_LEAVES = (
 
 
 def keeps_master_copy(storage: Any) -> bool:
-    """Whether an ``optimizer.weight_storage`` value keeps an fp32 master copy of the weights."""
-    return storage is None or str(storage).strip().lower() in MASTER_STORAGES
+    """Whether an ``optimizer.weight_storage`` value keeps an fp32 master copy of the weights: None or a
+    name of "no format" (``formats.NO_FORMAT_NAMES``)."""
+    from altgrad.quantization.formats import NO_FORMAT_NAMES  # here: reading a matrix needs no torch
+
+    return storage is None or (isinstance(storage, str) and storage.strip().lower() in NO_FORMAT_NAMES)
 
 
 @dataclass
 class Cell:
-    """One cell of the matrix: what it assigns, how it ended, and its run (None when there is no folder)."""
+    """One cell of a matrix, as the grid builds it (``altgrad.experiments.load_grid``) and as matrix.json
+    records it (``record``, ``from_record``): its name, what it assigns, its baseline, the cell whose
+    results it must equal, how it ended; its run folder once read (``run``), and its validated run config
+    when the grid built it (``config``)."""
 
     name: str
     assignment: dict[str, Any]
@@ -65,8 +72,35 @@ class Cell:
     equivalent_to: str | None = None
     run: Run | None = None
     base: dict[str, Any] = field(default_factory=dict)
-    """The matrix's base config (matrix.json ``base``): with the assignment, the config of a cell that has
-    no run folder yet."""
+    """The config read when there is no run folder: the matrix's base config (matrix.json ``base``; with
+    the assignment, the cell's config) for a cell read back, the cell's own config for one the grid built."""
+    config: RunConfig | None = None
+
+    @property
+    def run_dir(self) -> Path | None:
+        """Where the cell runs: its config's run folder, else the folder read; None when neither is known."""
+        if self.config is not None:
+            return self.config.run_dir
+        return None if self.run is None else self.run.path
+
+    def record(self) -> dict[str, Any]:
+        """The cell's entry in matrix.json (``from_record`` reads it back)."""
+        return {"name": self.name, "assignment": self.assignment, "baseline": self.baseline,
+                "status": self.status, "error": self.error, "equivalent_to": self.equivalent_to}  # fmt: skip
+
+    @classmethod
+    def from_record(cls, entry: dict[str, Any], run: Run | None, base: dict[str, Any]) -> Cell:
+        """A cell from its matrix.json entry (``record``), its run folder (None: none) and the base config."""
+        return cls(
+            name=str(entry["name"]),
+            assignment=dict(entry.get("assignment") or {}),
+            baseline=entry.get("baseline"),
+            status=str(entry.get("status") or "pending"),
+            error=entry.get("error"),
+            equivalent_to=entry.get("equivalent_to"),
+            run=run,
+            base=base,
+        )
 
     def _config(self, dotted: str) -> Any:
         return lookup(self.base if self.run is None else self.run.config, dotted)
@@ -280,18 +314,7 @@ def load_matrix(matrix_dir: str | Path) -> Matrix:
         run = _match(name, matrix_dir, runs)
         if run is not None:
             matched.add(run.path)
-        cells.append(
-            Cell(
-                name=name,
-                assignment=dict(entry.get("assignment") or {}),
-                baseline=entry.get("baseline"),
-                status=str(entry.get("status") or "pending"),
-                error=entry.get("error"),
-                equivalent_to=entry.get("equivalent_to"),
-                run=run,
-                base=base,
-            )
-        )
+        cells.append(Cell.from_record(entry, run, base))
     strays = sorted(path.relative_to(matrix_dir).as_posix() for path in runs if path not in matched)
     if strays:
         notes.append(f"run folders not listed in {MATRIX_FILE} (left out): {', '.join(strays)}")

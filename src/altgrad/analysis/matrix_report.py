@@ -440,10 +440,11 @@ def _equivalents(doc: Document, cells: list[Cell], table: pd.DataFrame) -> None:
         return
     doc.heading("Equivalent cells")
     doc.paragraph(
-        "E1M6 and E0M7 are the same uniform grid of 128 magnitudes up to a power-of-two factor (E1M6's two "
-        "binades share one spacing); amax scaling (per tensor, per channel or per MX block) absorbs that "
-        "factor, so the cells should give the same results. 'coincide' means the losses agree within a "
-        f"relative {EQUIVALENCE_RTOL:g}."
+        "Formats whose values are equal up to a power-of-two factor, with the same special values, are "
+        "the same grid: E1M6 and E0M7 are the same uniform grid of 128 magnitudes (E1M6's two binades "
+        "share one spacing), float8_e4m3fn is E4M3. Amax scaling (per tensor, per channel, per row or per "
+        "MX block) absorbs that factor, so the cells should give the same results. 'coincide' means the "
+        f"losses agree within a relative {EQUIVALENCE_RTOL:g}."
     )
     if pairs:
         doc.table(equivalence_table(pairs, table))

@@ -59,9 +59,7 @@ from torch import nn
 from altgrad.quantization.formats import FloatFormat, get_format
 from altgrad.quantization.grid import crossing_probability, grid_position
 from altgrad.quantization.ops import encode
-
-ScaleLike = float | torch.Tensor
-FormatLike = str | FloatFormat
+from altgrad.quantization.types import FormatLike, ScaleLike
 
 UPDATE_THRESHOLD = 1e-10
 """An element counts as an attempted update when |grad| exceeds this."""

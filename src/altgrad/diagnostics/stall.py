@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from altgrad.quantization.formats import FloatFormat, get_format
-from altgrad.quantization.grid import FormatLike, ScaleLike, _check_scale, _update_in_ulps, grid_position
+from altgrad.quantization.grid import _check_scale, _update_in_ulps, grid_position
 from altgrad.quantization.ops import encode
+from altgrad.quantization.types import FormatLike, ScaleLike
 
 HISTOGRAM_EDGES: tuple[int, ...] = (0, 1, 2, 4, 8, 16)
 """Default bins of grid steps moved: 0, 1, 2-3, 4-7, 8-15, 16+."""

@@ -35,17 +35,21 @@ the logging keys are no part of a cell's identity (equivalence, include de-dupli
 
 Cell names join one short token per axis in axis order: strings as they are, numbers prefixed by the
 key's last part (``seed`` -> ``s0``, ``train.lr`` -> ``lr0.001``), compound values by label, all
-sanitized to ``[A-Za-z0-9_.-]``: ``E4M3-adamw-uniform-s0``; a baseline is ``fp32-s0``.
+sanitized to ``[A-Za-z0-9_.-]``: ``E4M3-adamw-uniform-s0``; a baseline is ``fp32-s0``. A cell is an
+``altgrad.analysis.matrix.Cell`` holding its validated ``config``: the class the report reads
+matrix.json back into.
 
-Equivalent cells: a format whose finite values are a uniform grid (E0M7, E1M6 of any bias) is the
-same grid as any other uniform format with as many levels, up to a power-of-two factor. Every scaling
-mode picks the scale from the tensor's amax relative to the format's range (per tensor, per output
-channel, or per MX block as ``2^(floor(log2 amax) - emax)``), so the scale absorbs that factor
-exactly and the quantized tensors, grid steps and codes coincide bit for bit. Two cells whose
-configs agree once every format is replaced by its grid (uniform grids by their level count, other
-formats by their fields, so ``float8_e4m3fn`` equals ``E4M3``) must give the same results: the later
-one (E0M7 cells after E1M6 cells) gets ``equivalent_to`` naming the first. Not with
-``stability.format_shift`` on: shifts walk the E/M ladder by name (E1M6 -> E0M7, E0M7 -> nothing).
+Equivalent cells: two formats whose values are equal up to a power-of-two factor, with the same
+special values (``formats.same_grid``: E1M6 and E0M7, ``float8_e4m3fn`` and E4M3, E1M6 at any
+bias), are the same grid at scales that differ by that factor. Every scaling mode picks the scale
+from the tensor's amax relative to the format's range (per tensor, per output channel, per row, or
+per MX block as ``2^(floor(log2 amax) - emax)``), so the scale absorbs that factor exactly and the
+quantized tensors, grid steps and codes coincide bit for bit. Two cells whose configs agree once
+every quant format is replaced by its grid (``formats.grid_key``; every spelling of full precision
+alike) must give the same results: the later one (E0M7 cells after E1M6 cells) gets
+``equivalent_to`` naming the first. Not with ``stability.format_shift`` on: shifts walk the E/M
+ladder by name (E1M6 -> E0M7, E0M7 -> nothing). ``optimizer.weight_storage`` formats are compared by
+name: they store weights at scale 1, which absorbs nothing.
 
 Example::
 
@@ -67,9 +71,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from altgrad.quantization.formats import get_format
+from altgrad.analysis.matrix import Cell
+from altgrad.integration.quant_spec import UNSET
+from altgrad.quantization.formats import FloatFormat, grid_key, parse_format
 from altgrad.training.config import ConfigError, RunConfig, config_from_dict, parse_yaml
 
 GRID_KEYS = ("name", "out_dir", "base", "axes", "include", "exclude", "baselines")
@@ -79,21 +83,6 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 class GridError(ConfigError):
     """A problem in a grid file; the message names the grid, the cell or entry, and the key."""
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One run of the matrix: its name, what the grid set, and the validated config."""
-
-    name: str
-    assignment: dict[str, Any]  # key path -> value (the label for compound values)
-    config: RunConfig
-    baseline: str | None = None
-    equivalent_to: str | None = None
-
-    @property
-    def run_dir(self) -> Path:
-        return self.config.run_dir
 
 
 @dataclass(frozen=True)
@@ -164,25 +153,26 @@ def _token(key: str, label: Any) -> str:
     return _UNSAFE.sub("_", text).strip("_") or "_"
 
 
+_GRID_NUMBERS: dict[tuple, int] = {}
+"""``formats.grid_key`` -> a small number naming that grid in equivalence keys (a key holds every value)."""
+
+
 @functools.cache
 def _grid_of(name: str | None) -> Any:
-    """What a format means on the grid, up to scale: uniform grids by level count, others by fields."""
-    if name is None or name == "unset" or name.strip().lower() in ("none", "fp32", ""):
-        return name
-    fmt = get_format(name)
-    values = fmt.values()
-    magnitudes = torch.unique(values[torch.isfinite(values)].abs())
-    steps = magnitudes.diff()
-    if magnitudes[0] == 0 and len(steps) and bool((steps == steps[0]).all()):
-        return ("uniform", len(magnitudes), fmt.signed)
-    return (fmt.exponent_bits, fmt.mantissa_bits, fmt.bias, fmt.specials, fmt.subnormals, fmt.signed)
+    """What a quant format field means, up to scale: ``("grid", n)``, one n per ``formats.grid_key``;
+    None for full precision however spelled; a rule's ``UNSET`` as it is."""
+    if name == UNSET:
+        return UNSET
+    fmt = parse_format(name)
+    return None if fmt is None else ("grid", _GRID_NUMBERS.setdefault(grid_key(fmt), len(_GRID_NUMBERS)))
 
 
-def _quant_formats(config: RunConfig) -> list[str | None]:
+def _quant_formats(config: RunConfig) -> list[FloatFormat]:
+    """Every quant format field of the config (defaults, then each rule's), full precision left out."""
     quant = config.quant
-    return [quant.weight, quant.activation, quant.grad] + [
-        getattr(rule, kind) for rule in quant.rules for kind in ("weight", "activation", "grad")
-    ]
+    names = [quant.weight, quant.activation, quant.grad]
+    names += [getattr(rule, kind) for rule in quant.rules for kind in ("weight", "activation", "grad")]
+    return [fmt for name in names if name != UNSET and (fmt := parse_format(name)) is not None]
 
 
 def _equivalence_key(config: RunConfig) -> str:
@@ -203,8 +193,7 @@ def _mark_equivalent(cells: list[Cell]) -> list[Cell]:
     """Point each cell whose results must equal an earlier-ranked cell's at that cell."""
 
     def e0_count(cell: Cell) -> int:
-        names = [name for name in _quant_formats(cell.config) if name not in (None, "none", "unset")]
-        return sum(get_format(name).exponent_bits == 0 for name in names)
+        return sum(fmt.exponent_bits == 0 for fmt in _quant_formats(cell.config))
 
     ranked = sorted(range(len(cells)), key=lambda i: (e0_count(cells[i]), i))
     first: dict[str, str] = {}
@@ -328,7 +317,7 @@ def expand_grid(spec: dict[str, Any], root: Path = Path("."), default_name: str 
         except ConfigError as error:
             where = " ".join(f"{k}={v.label}" for k, v in settings.items())
             raise GridError(f"cell {cell_name!r} ({where}): {error}") from None
-        return Cell(cell_name, assignment, config, baseline)
+        return Cell(cell_name, assignment, baseline, base=config.to_dict(), config=config)
 
     try:
         resolved_base = resolve({}, name)[0]

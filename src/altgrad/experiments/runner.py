@@ -43,6 +43,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import multiprocessing
@@ -137,8 +138,7 @@ def plan_cell(cell: Cell) -> tuple[str, str | None]:
 
 
 def _record(cell: Cell, status: str, error: str | None = None) -> dict[str, Any]:
-    return {"name": cell.name, "assignment": cell.assignment, "baseline": cell.baseline, "status": status,
-            "error": error, "equivalent_to": cell.equivalent_to}  # fmt: skip
+    return dataclasses.replace(cell, status=status, error=error).record()
 
 
 def write_matrix_json(grid: Grid, records: list[dict[str, Any]], engine: str = "local") -> Path:

@@ -1,18 +1,15 @@
-"""Putting quantization into models: QuantizedLinear and rule-based module surgery."""
+"""Putting quantization into models: quantization specs, QuantizedLinear and rule-based module surgery."""
 
 from .model_surgery import (
-    QuantPlan,
-    QuantRule,
     SurgeryReport,
     dequantize_model,
     quantize_model,
     quantized_layers,
-    resolve_format,
 )
+from .quant_spec import LayerQuantSpec, QuantPlan, QuantRule, QuantSettings, TensorQuantSpec
 from .quantized_linear import (
     STAT_FIELDS,
     TENSOR_KINDS,
-    LayerQuantSpec,
     QuantizedLinear,
     full_precision_forward,
 )
@@ -21,13 +18,14 @@ __all__ = [
     "LayerQuantSpec",
     "QuantPlan",
     "QuantRule",
+    "QuantSettings",
     "QuantizedLinear",
     "STAT_FIELDS",
     "SurgeryReport",
     "TENSOR_KINDS",
+    "TensorQuantSpec",
     "dequantize_model",
     "full_precision_forward",
     "quantize_model",
     "quantized_layers",
-    "resolve_format",
 ]

@@ -11,6 +11,7 @@ Every Linear gets the default formats; then each rule whose glob matches the mod
 e.g. ``"*.attn.c_proj"``, ``"lm_head"``, ``"transformer.h.0.*"``) overrides the kinds it names, in
 order, so later rules win. A format of ``"none"`` keeps that tensor kind in full precision; a layer
 left with no format at all stays a plain nn.Linear. Parameters are reused, so tied weights stay tied.
+The plan, its rules and the layer specs are defined in quant_spec.py.
 
 Example::
 
@@ -23,7 +24,6 @@ Example::
 
 from __future__ import annotations
 
-import fnmatch
 import re
 import warnings
 from collections import Counter
@@ -32,73 +32,14 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from altgrad.quantization.formats import FloatFormat, get_format
+from altgrad.quantization.formats import FloatFormat
 
-from .quantized_linear import TENSOR_KINDS, LayerQuantSpec, QuantizedLinear, is_linear_like
+from .quant_spec import LayerQuantSpec, QuantPlan
+from .quantized_linear import QuantizedLinear, is_linear_like
 
-FormatName = str | FloatFormat | None
 ModuleFilter = Callable[[nn.Module, str], bool]
 EXPECTED_UNQUANTIZED = (nn.Embedding,)
 """Weight-bearing modules that are lookups, not matmuls: left in full precision without a warning."""
-
-
-def resolve_format(name: FormatName) -> FloatFormat | None:
-    """A format, or None for ``None`` / ``"none"`` / ``"fp32"`` (full precision)."""
-    if name is None or (isinstance(name, str) and name.strip().lower() in ("none", "fp32", "")):
-        return None
-    return get_format(name)
-
-
-@dataclass(frozen=True)
-class QuantRule:
-    """Formats for the modules whose names match ``pattern``; a kind left unset is not overridden."""
-
-    pattern: str
-    weight: FormatName | str = "unset"
-    activation: FormatName | str = "unset"
-    grad: FormatName | str = "unset"
-
-    def overrides(self) -> dict[str, FloatFormat | None]:
-        return {
-            kind: resolve_format(value) for kind in TENSOR_KINDS if (value := getattr(self, kind)) != "unset"
-        }
-
-
-@dataclass(frozen=True)
-class QuantPlan:
-    """Default formats for every Linear, the rules on top, and how scales and rounding work."""
-
-    weight: FormatName = None
-    activation: FormatName = None
-    grad: FormatName = None
-    rules: tuple[QuantRule, ...] | list[QuantRule] = ()
-    scaling: str = "delayed"
-    rounding: str = "nearest"
-    amax_history: int = 16
-    margin: int = 0
-    amax_compute_algo: str = "max"
-    power_of_two_scales: bool = False
-    mx_scale_rounding: str = "floor"
-
-    def spec_for(self, module_name: str) -> tuple[LayerQuantSpec, list[int]]:
-        """The layer's spec and the indices of the rules that matched it."""
-        formats = {kind: resolve_format(getattr(self, kind)) for kind in TENSOR_KINDS}
-        matched = []
-        for index, rule in enumerate(self.rules):
-            if fnmatch.fnmatchcase(module_name, rule.pattern):
-                formats.update(rule.overrides())
-                matched.append(index)
-        spec = LayerQuantSpec(
-            **formats,
-            scaling=self.scaling,
-            rounding=self.rounding,
-            amax_history=self.amax_history,
-            margin=self.margin,
-            amax_compute_algo=self.amax_compute_algo,
-            power_of_two_scales=self.power_of_two_scales,
-            mx_scale_rounding=self.mx_scale_rounding,
-        )
-        return spec, matched
 
 
 @dataclass

@@ -44,27 +44,25 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from altgrad.quantization.formats import FloatFormat
+from altgrad.quantization.formats import FloatFormat, format_name
 from altgrad.quantization.ops import quantize
 from altgrad.quantization.scaling import (
-    AMAX_COMPUTE_ALGOS,
-    MX_ROUNDINGS,
     AmaxHistory,
     compute_scale,
     mx_block_scale,
     mx_quantize,
     per_channel_scale,
 )
+from altgrad.quantization.types import FormatLike
 
-TENSOR_KINDS: tuple[str, ...] = ("weight", "activation", "grad")
-SCALING_MODES: tuple[str, ...] = ("delayed", "current", "per_channel", "rowwise", "mx")
-ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
+from .quant_spec import TENSOR_KINDS, LayerQuantSpec, TensorQuantSpec
+
 MX_BLOCK_SIZE = 32
 STAT_FIELDS: tuple[str, ...] = ("overflow", "underflow", "nonfinite", "total", "sum_sq_error", "sum_sq")
 """Columns of ``quant_stats``: element counts, then the sums of (Q(x) - x)^2 and x^2 over finite elements."""
@@ -80,44 +78,10 @@ def is_linear_like(module: nn.Module) -> bool:
     return type(module) is nn.Linear or (type(module) is hf_conv1d_type() is not None)
 
 
-@dataclass(frozen=True)
-class LayerQuantSpec:
-    """What one layer quantizes: a format (or None for full precision) per tensor kind."""
-
-    weight: FloatFormat | None = None
-    activation: FloatFormat | None = None
-    grad: FloatFormat | None = None
-    scaling: str = "delayed"
-    rounding: str = "nearest"
-    amax_history: int = 16
-    margin: int = 0
-    amax_compute_algo: str = "max"
-    power_of_two_scales: bool = False
-    mx_scale_rounding: str = "floor"
-
-    def __post_init__(self) -> None:
-        choices = {
-            "scaling": SCALING_MODES,
-            "rounding": ROUNDINGS,
-            "amax_compute_algo": AMAX_COMPUTE_ALGOS,
-            "mx_scale_rounding": MX_ROUNDINGS,
-        }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key}: {getattr(self, key)!r} is not one of {allowed}")
-
-    def format_of(self, kind: str) -> FloatFormat | None:
-        return getattr(self, kind)
-
-    @property
-    def is_active(self) -> bool:
-        return any(self.format_of(kind) is not None for kind in TENSOR_KINDS)
-
-
 class _TensorQuantizer(nn.Module):
     """Scale bookkeeping and fake quantization for one tensor kind of one layer."""
 
-    def __init__(self, spec: LayerQuantSpec, kind: str, stats: torch.Tensor, kind_index: int) -> None:
+    def __init__(self, spec: TensorQuantSpec, kind: str, stats: torch.Tensor, kind_index: int) -> None:
         super().__init__()
         self.spec, self.kind, self.stats, self.kind_index = spec, kind, stats, kind_index
         self.history = AmaxHistory(spec.amax_history)
@@ -128,7 +92,7 @@ class _TensorQuantizer(nn.Module):
 
     @property
     def format(self) -> FloatFormat | None:
-        return self.spec.format_of(self.kind)
+        return self.spec.format
 
     def scale_for(self, x: torch.Tensor, record: bool = False) -> torch.Tensor:
         """The scale ``x`` is quantized at, broadcastable to ``x``.
@@ -144,7 +108,7 @@ class _TensorQuantizer(nn.Module):
             block_scale = mx_block_scale(x.detach(), fmt, MX_BLOCK_SIZE, rounding=spec.mx_scale_rounding)
             return block_scale.repeat_interleave(MX_BLOCK_SIZE, dim=-1)[..., : x.shape[-1]]
         power_of_two = spec.power_of_two_scales
-        if spec.scaling == "per_channel" and self.kind == "weight":
+        if spec.scaling == "per_channel":
             return per_channel_scale(x.detach(), fmt, axis=0, margin=spec.margin, power_of_two=power_of_two)
         if spec.scaling == "rowwise":
             amax = x.detach().abs().amax(dim=-1, keepdim=True)
@@ -240,7 +204,10 @@ class QuantizedLinear(nn.Module):
         )
         self.full_precision = False  # True: a plain nn.Linear forward, quantizers bypassed (a control)
         self.quantizers = nn.ModuleDict(
-            {kind: _TensorQuantizer(spec, kind, self.quant_stats, i) for i, kind in enumerate(TENSOR_KINDS)}
+            {
+                kind: _TensorQuantizer(spec.tensor(kind), kind, self.quant_stats, i)
+                for i, kind in enumerate(TENSOR_KINDS)
+            }
         )
 
     def to_linear(self) -> nn.Module:
@@ -287,13 +254,13 @@ class QuantizedLinear(nn.Module):
         with torch.no_grad():
             return quantize(self.weight.detach(), fmt, self.weight_scale())
 
-    def set_format(self, kind: str, fmt: FloatFormat | None) -> None:
-        """Switch one tensor kind to another format (an emergency format shift); the amax history stays."""
+    def set_format(self, kind: str, fmt: FormatLike | None) -> None:
+        """Switch one tensor kind to another format (an emergency format shift; a name or "none" is read
+        by ``parse_format``); the amax history stays."""
         if kind not in TENSOR_KINDS:
             raise ValueError(f"kind: {kind!r} is not one of {TENSOR_KINDS}")
         self.spec = replace(self.spec, **{kind: fmt})
-        for quantizer in self.quantizers.values():
-            quantizer.spec = self.spec
+        self.quantizers[kind].spec = self.spec.tensor(kind)
 
     @property
     def collect_stats(self) -> bool:
@@ -324,7 +291,7 @@ class QuantizedLinear(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        names = {kind: (fmt.name if (fmt := self.spec.format_of(kind)) else "none") for kind in TENSOR_KINDS}
+        names = {kind: format_name(self.spec.format_of(kind)) for kind in TENSOR_KINDS}
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, "

@@ -54,7 +54,6 @@ from torch import nn
 from altgrad.diagnostics.flips import (
     FlipTrackerHooks,
     FormatAndScale,
-    FormatLike,
     WeightFlipTracker,
     layer_name,
     torch_optimizer,
@@ -65,6 +64,7 @@ from altgrad.diagnostics.rank_health import RankHealthMonitor
 from altgrad.integration import QuantizedLinear, quantized_layers
 from altgrad.quantization.formats import get_format
 from altgrad.quantization.scaling import compute_scale
+from altgrad.quantization.types import FormatLike
 
 log = logging.getLogger("altgrad")
 

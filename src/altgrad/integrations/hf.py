@@ -26,7 +26,7 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from altgrad.diagnostics.flips import FormatLike
+from altgrad.quantization.types import FormatLike
 
 from .diagnostics import TrainingDiagnostics
 

@@ -27,7 +27,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from altgrad.diagnostics.flips import FormatLike
+from altgrad.quantization.types import FormatLike
 
 from .diagnostics import TrainingDiagnostics
 

@@ -28,7 +28,8 @@ import torch
 
 from .formats import E0M7, E1M6, E2M5, E3M4, E4M3, E5M2, E6M1, E7M0, FloatFormat
 from .grid import grid_spacing
-from .ops import ScaleLike, quantize
+from .ops import quantize
+from .types import ScaleLike
 
 FORMAT_REGISTRY: dict[str, FloatFormat] = {
     fmt.name: fmt for fmt in (E0M7, E1M6, E2M5, E3M4, E4M3, E5M2, E6M1, E7M0)

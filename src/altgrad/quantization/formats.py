@@ -365,6 +365,64 @@ def get_format(name: str | FloatFormat | torch.dtype) -> FloatFormat:
     )
 
 
+NO_FORMAT_NAMES: tuple[str, ...] = ("none", "fp32", "")
+"""The names of "no format" (full precision), compared stripped and lower-case; ``None`` means it too."""
+
+
+def parse_format(name: str | FloatFormat | torch.dtype | None) -> FloatFormat | None:
+    """The format ``name`` names, or None for full precision: ``None`` or a name in ``NO_FORMAT_NAMES``
+    (``"none"``, ``"fp32"``, ``""``; any case, surrounding spaces ignored). Everything else goes to
+    ``get_format`` (an unknown name is its one-line error). The one parser of "no format".
+
+    Example::
+
+        >>> parse_format(" FP32 ") is None, parse_format("e4m3") is E4M3
+        (True, True)
+    """
+    if name is None or (isinstance(name, str) and name.strip().lower() in NO_FORMAT_NAMES):
+        return None
+    return get_format(name)
+
+
+def format_name(fmt: FloatFormat | None) -> str:
+    """``fmt.name``, or ``"none"`` for full precision (what ``parse_format`` reads back)."""
+    return "none" if fmt is None else fmt.name
+
+
+@functools.cache
+def grid_key(fmt: FloatFormat) -> tuple:
+    """What ``fmt`` rounds to, up to a power-of-two factor: its finite values times ``2^-emax`` (sorted),
+    and whether it has inf, NaN and -0.
+
+    Two formats have equal keys exactly when one's values are the other's times ``2^k`` with the same
+    special values: E1M6 and E0M7 (the uniform grid of 128 magnitudes), ``float8_e4m3fn`` and E4M3,
+    E4M3 at bias 7 and at bias 8. At scales ``2^k`` apart they quantize every tensor to the same
+    numbers and the same grid positions; every altgrad scaling mode sets the scale from the amax
+    relative to the format's range (``amax / max_finite``, or ``2^(floor(log2 amax) - emax)`` per MX
+    block) and so picks scales exactly ``2^k`` apart (see ``same_grid``).
+    """
+    values = fmt.values()
+    finite = values[torch.isfinite(values)]
+    normalized = torch.unique(torch.ldexp(finite, torch.tensor(-fmt.emax, dtype=torch.int64)))
+    return (tuple(normalized.tolist()), fmt.has_inf, fmt.has_nan, fmt.has_negative_zero)
+
+
+def same_grid(a: str | FloatFormat | None, b: str | FloatFormat | None) -> bool:
+    """Whether two formats (or names; ``"none"`` and the like are full precision) are the same grid up
+    to a power-of-two factor, the one rule for equivalent formats (``grid_key``). Full precision is the
+    same grid only as full precision.
+
+    Example::
+
+        >>> same_grid("E1M6", "E0M7"), same_grid("E4M3", "float8_e4m3fn"), same_grid("E4M3", "E3M4")
+        (True, True, False)
+    """
+    fmt_a, fmt_b = parse_format(a), parse_format(b)
+    if fmt_a is None or fmt_b is None:
+        return fmt_a is fmt_b
+    return fmt_a == fmt_b or grid_key(fmt_a) == grid_key(fmt_b)
+
+
 def __getattr__(name: str) -> object:
     """The original AltGrad's names at the import path it used, defined in ``compat``
     (docs/compat.md): ``FORMAT_REGISTRY``."""

@@ -30,10 +30,8 @@ import math
 
 import torch
 
-from .formats import FloatFormat, get_format
-
-ScaleLike = float | torch.Tensor
-FormatLike = str | FloatFormat
+from .formats import get_format
+from .types import FormatLike, ScaleLike
 
 
 def _check_scale(scale: ScaleLike) -> None:

@@ -66,12 +66,12 @@ from typing import Literal
 import torch
 
 from .formats import FloatFormat, get_format
+from .types import ScaleLike
 
 Rounding = Literal["nearest", "stochastic", "toward_zero"]
 Overflow = Literal["saturate", "inf", "nan"]
 ROUNDING_MODES: tuple[str, ...] = ("nearest", "stochastic", "toward_zero")
 OVERFLOW_POLICIES: tuple[str, ...] = ("saturate", "inf", "nan")
-ScaleLike = float | torch.Tensor
 
 CHUNK_BYTES = 1 << 21
 """Bytes of working float per CPU chunk: a chunk and its scratch stay in cache, Python overhead is small."""

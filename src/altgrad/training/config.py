@@ -20,9 +20,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from altgrad.integration.quant_spec import UNSET, QuantPlan
 from altgrad.integration.recipes import expand_recipe
 from altgrad.jsonio import write_text_atomic
-from altgrad.quantization.formats import FORMATS, get_format
+from altgrad.quantization.formats import FORMATS, parse_format
 
 
 class ConfigError(ValueError):
@@ -30,14 +31,13 @@ class ConfigError(ValueError):
 
 
 def _check_format(value: str | None) -> str | None:
-    if value is None or value.strip().lower() in ("none", "fp32"):
-        return None if value is None else "none"
+    """The name as given, ``"none"`` for a name of full precision (``parse_format``), None for None."""
     try:
-        get_format(value)
+        fmt = parse_format(value)
     except ValueError:
         allowed = f"none, {', '.join(FORMATS)} or a spec like e3m4:bias=1"
         raise ValueError(f"unknown format {value!r}; allowed: {allowed}") from None
-    return value
+    return value if fmt is not None or value is None else "none"
 
 
 class _Section(BaseModel):
@@ -133,18 +133,19 @@ class OptimizerConfig(_Section):
 
 class QuantRuleConfig(_Section):
     pattern: str
-    weight: str | None = "unset"
-    activation: str | None = "unset"
-    grad: str | None = "unset"
+    weight: str | None = UNSET
+    activation: str | None = UNSET
+    grad: str | None = UNSET
 
     @field_validator("weight", "activation", "grad")
     @classmethod
     def _known_format(cls, value: str | None) -> str | None:
-        return value if value == "unset" else _check_format(value)
+        return value if value == UNSET else _check_format(value)
 
 
 class QuantConfig(_Section):
-    """``recipe`` fills in the keys of a named preset the user did not give (integration/recipes.py)."""
+    """A ``QuantPlan``'s fields (integration/quant_spec.py) and ``enabled``; ``recipe`` fills in the keys
+    of a named preset the user did not give (integration/recipes.py)."""
 
     enabled: bool = True
     recipe: str | None = None
@@ -169,6 +170,15 @@ class QuantConfig(_Section):
     @classmethod
     def _known_format(cls, value: str | None) -> str | None:
         return _check_format(value)
+
+    @model_validator(mode="after")
+    def _a_valid_plan(self) -> QuantConfig:
+        self.plan()  # what the schema cannot see (an empty rule pattern) is an error now, not at the run
+        return self
+
+    def plan(self) -> QuantPlan:
+        """The QuantPlan these keys describe (what ``quantize_model`` applies when ``enabled``)."""
+        return QuantPlan.from_dict(self.model_dump())
 
 
 class DiagnosticsConfig(_Section):

@@ -43,10 +43,9 @@ from altgrad.diagnostics.model_stats import compute_gradient_stats, rank_stats
 from altgrad.diagnostics.optimizer_stats import optimizer_statistics
 from altgrad.diagnostics.quant_stats import quant_stats_record
 from altgrad.diagnostics.rank_health import RankHealthMonitor
-from altgrad.integration import QuantizedLinear, QuantPlan, QuantRule, quantize_model, quantized_layers
+from altgrad.integration import QuantizedLinear, quantize_model, quantized_layers
 from altgrad.integration.quantized_linear import full_precision_forward
 from altgrad.jsonio import dumps_strict, write_json_atomic, write_text_atomic
-from altgrad.quantization.formats import get_format
 from altgrad.utils import seed_everything
 from altgrad.versions import run_versions
 
@@ -65,37 +64,14 @@ from .schedule import cosine_with_warmup
 EVAL_SEED = 1234  # every run evaluates on the same validation windows
 
 
-def _quant_plan(config: RunConfig) -> QuantPlan:
-    quant = config.quant
-    rules = [QuantRule(rule.pattern, rule.weight, rule.activation, rule.grad) for rule in quant.rules]
-    return QuantPlan(
-        weight=quant.weight,
-        activation=quant.activation,
-        grad=quant.grad,
-        rules=rules,
-        scaling=quant.scaling,
-        rounding=quant.rounding,
-        amax_history=quant.amax_history,
-        margin=quant.margin,
-        amax_compute_algo=quant.amax_compute_algo,
-        power_of_two_scales=quant.power_of_two_scales,
-        mx_scale_rounding=quant.mx_scale_rounding,
-    )
-
-
 def format_width_warnings(config: RunConfig) -> list[str]:
     """One warning per quantization format that is not 8 bits wide (a custom split such as E4M4)."""
-    quant = config.quant
-    if not quant.enabled:
+    if not config.quant.enabled:
         return []
-    names = [quant.weight, quant.activation, quant.grad]
-    names += [name for rule in quant.rules for name in (rule.weight, rule.activation, rule.grad)]
-    used = [name for name in dict.fromkeys(names) if name not in (None, "none")]
-    widths = {name: get_format(name).total_bits for name in used}
     return [
-        f"format {name} is {bits} bits wide, not 8: this run is not an 8-bit experiment"
-        for name, bits in widths.items()
-        if bits != 8
+        f"format {fmt.name} is {fmt.total_bits} bits wide, not 8: this run is not an 8-bit experiment"
+        for fmt in config.quant.plan().formats()
+        if fmt.total_bits != 8
     ]
 
 
@@ -125,7 +101,7 @@ class Trainer:
         self.model = build_model(config, self.data.tokenizer.vocab_size).to(self.device)
         self.startup_warnings: list[str] = []
         if config.quant.enabled:
-            surgery = quantize_model(self.model, _quant_plan(config))
+            surgery = quantize_model(self.model, config.quant.plan())
             self.startup_warnings = [
                 f"quant rule {p!r} matched no Linear layer" for p in surgery.unmatched_rules
             ]
@@ -275,7 +251,7 @@ class Trainer:
             formats = layer_state["formats"]
             layer = self.layers[name]
             for kind, fmt in formats.items():
-                layer.set_format(kind, get_format(fmt) if fmt else None)
+                layer.set_format(kind, fmt)
             layer.load_quant_state(layer_state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -879,18 +879,18 @@ class OptimizerEntry:
         return self.mode_units.get(mode, (self.lr_unit, self.lr_default))
 
 
-_COMMON = ("betas", "eps", "weight_decay", "quant_info", "generator", "seed")
-_STORAGE = ("weight_storage", "storage_rounding", "kahan")
+_EVERY = ("weight_decay", "quant_info", "generator", "seed", "weight_storage", "storage_rounding", "kahan")
+_ADAM = ("betas", "eps", *_EVERY)
 
 OPTIMIZERS: dict[str, OptimizerEntry] = {
-    "adamw": OptimizerEntry(AdamW, "weight", None, (*_COMMON, *_STORAGE)),
+    "adamw": OptimizerEntry(AdamW, "weight", None, _ADAM),
     "manifold_adamw": OptimizerEntry(ManifoldAdamW, "ulp", 1.0,
-                                     (*_COMMON, *_STORAGE, "weight_lr", "mode", "track_bit_position"),
+                                     (*_ADAM, "weight_lr", "mode", "track_bit_position"),
                                      mode_units={"grad_scale": ("weight", None)}),
-    "grid": OptimizerEntry(GridOptim, "rung", 1.0, (*_COMMON, *_STORAGE, "weight_lr", "rung_clip")),
-    "sgd": OptimizerEntry(SGD, "weight", None, ("momentum", "nesterov", *_COMMON[2:], *_STORAGE),
+    "grid": OptimizerEntry(GridOptim, "rung", 1.0, (*_ADAM, "weight_lr", "rung_clip")),
+    "sgd": OptimizerEntry(SGD, "weight", None, ("momentum", "nesterov", *_EVERY),
                           option_defaults={"momentum": 0.9}),
-    "madam": OptimizerEntry(Madam, "log|w|", 0.01, (*_COMMON, *_STORAGE, "weight_lr")),
+    "madam": OptimizerEntry(Madam, "log|w|", 0.01, (*_ADAM, "weight_lr")),
 }  # fmt: skip
 """The optimizers by config name (``optimizer.name``); adding one is a class plus an entry here."""
 

@@ -24,6 +24,7 @@ from altgrad.integration.quant_spec import UNSET, QuantPlan
 from altgrad.integration.recipes import expand_recipe
 from altgrad.jsonio import write_text_atomic
 from altgrad.quantization.formats import FORMATS, parse_format
+from altgrad.training.optimizer import OPTIMIZERS
 
 
 class ConfigError(ValueError):
@@ -106,7 +107,7 @@ class OptimizerConfig(_Section):
     master copy), ``quantized`` (each weight stored in its layer's forward format at its current
     scale) or a format name (every weight stored in it at scale 1)."""
 
-    name: Literal["adamw", "manifold_adamw", "grid", "sgd", "madam"] = "adamw"
+    name: str = "adamw"  # a key of altgrad.training.optimizer.OPTIMIZERS
     lr: float | None = Field(None, gt=0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
@@ -117,18 +118,25 @@ class OptimizerConfig(_Section):
     storage_rounding: Literal["nearest", "stochastic"] = "nearest"
     kahan: bool = False
 
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        if value not in OPTIMIZERS:
+            raise ValueError(f"got {value!r}; allowed: {', '.join(OPTIMIZERS)}")
+        return value
+
     @field_validator("weight_storage")
     @classmethod
     def _known_format(cls, value: str | None) -> str | None:
         return value if value == "quantized" else _check_format(value)
 
     def lr_default(self, train_lr: float) -> float:
-        """Peak learning rate in the optimizer's own unit: ``lr`` if set, else the unit's default."""
+        """Peak learning rate in the optimizer's own unit: ``lr`` if set, else its registry entry's
+        default for the unit (``train.lr`` for weight units)."""
         if self.lr is not None:
             return self.lr
-        if self.name == "grid" or (self.name == "manifold_adamw" and self.manifold_mode == "ulp_step"):
-            return 1.0
-        return 0.01 if self.name == "madam" else train_lr
+        _, default = OPTIMIZERS[self.name].unit(self.manifold_mode)
+        return train_lr if default is None else default
 
 
 class QuantRuleConfig(_Section):

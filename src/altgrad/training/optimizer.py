@@ -2,7 +2,10 @@
 
 All five are ``torch.optim.Optimizer``s (param groups, ``state_dict``/``load_state_dict``, any device,
 ``step(closure)`` returns the loss) and run one vectorized update per parameter with no host
-synchronisation.
+synchronisation. ``OPTIMIZERS`` registers them by config name (``optimizer.name``), each entry with
+its class, the unit of its lr and that unit's default, and the options it takes; a new optimizer
+(any ``torch.optim.Optimizer``) is a class plus one entry there, and the config, ``build_optimizer``
+and the trainer take it from the registry.
 
 **How an optimizer learns a weight's grid.** ``quant_info(param)`` returns ``(format, scale)`` -- the
 layer's weight format and its *current* scale (a float, a 0-dim tensor or a per-channel tensor
@@ -14,7 +17,7 @@ the more specific, deliberate setting.
 
 **The grid spacing (stiffness).** For a weight w in a format with M mantissa bits at scale s::
 
-    S(w) = s * 2^(max(floor(log2|w/s|), emin) - M)        (altgrad.quantization.diagnostics.grid_spacing)
+    S(w) = s * 2^(max(floor(log2|w/s|), emin) - M)        (altgrad.quantization.grid.grid_spacing)
 
 the distance between neighbouring representable values around w (one ULP): relative spacing 2^-M
 in the normal range, the constant subnormal spacing ``s * 2^(emin - M)`` near zero, ``s / 2^7``
@@ -65,7 +68,8 @@ rule after the decay above):
 * ``Madam``: ``w <- clip(w exp(-lr sign(w) g / sqrt(v_hat)), +-w_max)``: log|w| moves by lr per
   unit of normalised gradient, ``lr = ln 2`` is one binade (one E7M0 code).
 
-**Low-precision weight storage** (every optimizer; GridOptim always stores on its grid):
+**Low-precision weight storage** (every optimizer; GridOptim always stores on its grid), done by
+the ``WeightStorage`` object an optimizer holds (GridOptim's is ``OnGridStorage``):
 ``weight_storage=`` a format (or name) keeps no fp32 master copy: after every step each weight is
 rounded into that format (at scale 1), or with ``weight_storage="quantized"`` into its own
 quant_info format at its current scale (parameters without a format stay fp32).
@@ -89,8 +93,9 @@ Example (adding 1e-3 to 1.0 in bfloat16 -- nearest stalls, Kahan does not)::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -98,6 +103,9 @@ from torch import nn
 from altgrad.quantization.formats import FloatFormat, get_format
 from altgrad.quantization.grid import grid_spacing
 from altgrad.quantization.ops import quantize
+
+if TYPE_CHECKING:
+    from altgrad.training.config import OptimizerConfig
 
 QuantInfo = Callable[[nn.Parameter], "tuple[FloatFormat, torch.Tensor | float] | None"]
 """``quant_info(param) -> (format, current scale) | None`` (None: the parameter is not quantized)."""
@@ -160,20 +168,144 @@ def _finite_table(fmt: FloatFormat, device: torch.device) -> torch.Tensor:
     return _FINITE_TABLES[key]
 
 
-class _GridAwareOptimizer(torch.optim.Optimizer):
-    """Shared plumbing: quant_info / group formats, generators, low-precision storage, the step loop.
+# ---- weight storage: what happens to a weight after its update -------------------------------------------
 
-    Subclasses implement ``_update(p, grad, group, state, info)`` (in place on ``p``; may return a
-    per-parameter result) and call ``super().__init__`` with their defaults. ``_step_all`` runs, per
-    parameter with a gradient: ``_update``, then ``_after_update`` (storage rounding).
+
+class WeightStorage:
+    """Low-precision weight storage, held by an optimizer: each updated weight rounded into a format.
+
+    The settings are param-group keys (the constructor's values are their defaults, so a group may
+    override them and ``state_dict`` carries them): ``weight_storage`` None (fp32 master weights, the
+    update kept whole), a format or name (rounded into it at scale 1) or ``"quantized"`` (into the
+    weight's own quant_info format at its current scale; a parameter without one stays fp32);
+    ``storage_rounding`` ``"nearest"`` or ``"stochastic"``; ``kahan`` the compensated sum of the
+    module docstring, its remainder kept as optimizer state ``"kahan_comp"``.
+
+    >>> storage = WeightStorage("bfloat16", kahan=True)
+    >>> storage.group_defaults
+    {'weight_storage': 'bfloat16', 'storage_rounding': 'nearest', 'kahan': True}
     """
 
-    supports_storage = True
+    def __init__(
+        self,
+        weight_storage: FloatFormat | str | None = None,
+        storage_rounding: str = "nearest",
+        kahan: bool = False,
+    ) -> None:
+        self.group_defaults = {"weight_storage": weight_storage, "storage_rounding": storage_rounding,
+                               "kahan": bool(kahan)}  # fmt: skip
+
+    def check_group(self, group: dict[str, Any]) -> None:
+        """Store the group's storage format by name (picklable with weights_only) and check its settings."""
+        storage, rounding = group.get("weight_storage"), group.get("storage_rounding", "nearest")
+        if storage is not None and storage != QUANTIZED_STORAGE:
+            try:
+                group["weight_storage"] = storage = _format_key(storage)
+            except ValueError as error:
+                raise ValueError(f"weight_storage: {error} (or {QUANTIZED_STORAGE!r})") from None
+        if rounding not in STORAGE_ROUNDINGS:
+            raise ValueError(f"storage_rounding: {rounding!r} is not one of {STORAGE_ROUNDINGS}")
+        if storage is None and (group.get("kahan") or rounding != "nearest"):
+            raise ValueError("kahan / storage_rounding: need weight_storage (a format name or 'quantized')")
+
+    def needs_old(self, group: dict[str, Any]) -> bool:
+        """Whether ``store`` needs the pre-step weight (it does whenever the group stores in a format)."""
+        return group.get("weight_storage") is not None
+
+    def store(
+        self,
+        p: torch.Tensor,
+        old: torch.Tensor | None,
+        group: dict[str, Any],
+        state: dict[str, Any],
+        info: tuple[FloatFormat, Any] | None,
+        generator: Callable[[torch.device], torch.Generator | None],
+    ) -> None:
+        """Round the updated ``p`` into the group's storage format (Kahan-compensated if asked).
+
+        ``old`` is the pre-step weight, ``info`` the parameter's ``(format, scale)`` or None, and
+        ``generator(device)`` the optimizer's random source for stochastic rounding.
+        """
+        storage = group.get("weight_storage")
+        if storage is None:
+            return
+        target = info if storage == QUANTIZED_STORAGE else (get_format(storage), 1.0)
+        if target is None:  # "quantized" storage of a parameter that is not quantized: stays fp32
+            return
+        fmt, scale = target
+        rounding = group["storage_rounding"]
+        gen = generator(p.device) if rounding == "stochastic" else None
+        w = p.detach()
+        if group["kahan"]:
+            comp = state.get("kahan_comp")
+            if comp is None:
+                comp = state["kahan_comp"] = torch.zeros_like(w, dtype=torch.float32)
+            y = (w.float() - old.float()).add_(comp)
+            new = quantize(old.float() + y, fmt, scale, rounding=rounding, generator=gen)
+            comp.copy_(y.sub_(new - old.float()))
+        else:
+            new = quantize(w.float(), fmt, scale, rounding=rounding, generator=gen)
+        w.copy_(new)
+
+
+class OnGridStorage:
+    """GridOptim's storage: its step leaves every quantized weight on its grid, so nothing is rounded.
+
+    It accepts only the settings that describe that (``weight_storage`` None or ``"quantized"``,
+    the latter with ``storage_rounding="stochastic"``, and no ``kahan``) and adds no group keys.
+    """
+
+    group_defaults: dict[str, Any] = {}
+
+    def __init__(
+        self,
+        weight_storage: FloatFormat | str | None = None,
+        storage_rounding: str | None = None,
+        kahan: bool = False,
+    ) -> None:
+        if weight_storage is None:
+            if kahan:
+                raise ValueError("kahan: the grid optimizer has no remainder to compensate; set kahan: false")
+            return
+        if weight_storage != QUANTIZED_STORAGE:
+            raise ValueError(
+                f"weight_storage: the grid optimizer stores each weight in its own format already; "
+                f"use none or {QUANTIZED_STORAGE!r} with grid, not {weight_storage!r}"
+            )
+        if kahan or storage_rounding != "stochastic":
+            raise ValueError(
+                "storage_rounding / kahan: the grid optimizer rounds its rungs stochastically and "
+                "keeps no remainder; with grid, set storage_rounding: stochastic and kahan: false"
+            )
+
+    def check_group(self, group: dict[str, Any]) -> None:
+        if group.get("weight_storage") is not None:
+            raise ValueError("weight_storage: GridOptim keeps its weights on the grid already; "
+                             "use it without weight_storage")
+        if group.get("kahan") or group.get("storage_rounding", "nearest") != "nearest":
+            raise ValueError("kahan / storage_rounding: need weight_storage (a format name or 'quantized')")
+
+    def needs_old(self, group: dict[str, Any]) -> bool:
+        return False
+
+    def store(self, p, old, group, state, info, generator) -> None:
+        """Nothing to do: GridOptim's update set each quantized weight to a grid value."""
+
+
+class _GridAwareOptimizer(torch.optim.Optimizer):
+    """Shared plumbing: quant_info / group formats, generators, the step loop; the weight storage is
+    the ``storage`` object it holds (``WeightStorage`` or ``OnGridStorage``).
+
+    Subclasses implement ``_update(p, grad, group, state, info)`` (in place on ``p``; may return a
+    per-parameter result) and call ``super().__init__`` with their defaults. ``step`` runs, per
+    parameter with a gradient: ``_update``, then ``_after_update`` (the storage's rounding).
+    """
 
     def __init__(
         self,
         params: Iterable,
         defaults: dict[str, Any],
+        storage: WeightStorage | OnGridStorage,
         quant_info: QuantInfo | None,
         generator: torch.Generator | None,
         seed: int | None,
@@ -185,11 +317,12 @@ class _GridAwareOptimizer(torch.optim.Optimizer):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed: must be an int or None, got {seed!r}")
         self.quant_info = quant_info
+        self.storage = storage
         self._seed = seed
         self._generators: dict[str, torch.Generator] = {}
         if generator is not None:
             self._generators[str(torch.device(generator.device))] = generator
-        defaults = {"format": None, "scale": None, **defaults}
+        defaults = {"format": None, "scale": None, **defaults, **storage.group_defaults}
         super().__init__(params, defaults)
 
     # ---- groups ------------------------------------------------------------------------------------------
@@ -205,16 +338,12 @@ class _GridAwareOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _normalize_group(group: dict[str, Any]) -> None:
-        """Formats stored by name where the name gives them back (picklable with weights_only)."""
-        for key in ("format", "weight_storage"):
-            value = group.get(key)
-            if value is None or (key == "weight_storage" and value == QUANTIZED_STORAGE):
-                continue
+        """The group's format stored by name where the name gives it back (picklable with weights_only)."""
+        if group.get("format") is not None:
             try:
-                group[key] = _format_key(value)
+                group["format"] = _format_key(group["format"])
             except ValueError as error:
-                also = f" (or {QUANTIZED_STORAGE!r})" if key == "weight_storage" else ""
-                raise ValueError(f"{key}: {error}{also}") from None
+                raise ValueError(f"format: {error}") from None
         if group.get("scale") is not None:
             _check_scale(group["scale"])
 
@@ -224,14 +353,7 @@ class _GridAwareOptimizer(torch.optim.Optimizer):
             raise ValueError(f"lr: must be a number >= 0, got {lr!r}")
         if not (isinstance(wd, (int, float)) and wd >= 0):
             raise ValueError(f"weight_decay: must be a number >= 0, got {wd!r}")
-        storage, rounding = group.get("weight_storage"), group.get("storage_rounding", "nearest")
-        if storage is not None and not self.supports_storage:
-            raise ValueError(f"weight_storage: {type(self).__name__} keeps its weights on the grid already; "
-                             "use it without weight_storage")
-        if rounding not in STORAGE_ROUNDINGS:
-            raise ValueError(f"storage_rounding: {rounding!r} is not one of {STORAGE_ROUNDINGS}")
-        if storage is None and (group.get("kahan") or rounding != "nearest"):
-            raise ValueError("kahan / storage_rounding: need weight_storage (a format name or 'quantized')")
+        self.storage.check_group(group)
         weight_lr = group.get("weight_lr", 0.0)
         if isinstance(weight_lr, bool) or not (isinstance(weight_lr, (int, float)) and weight_lr >= 0):
             raise ValueError(f"weight_lr: must be a number >= 0, got {weight_lr!r}")
@@ -300,45 +422,25 @@ class _GridAwareOptimizer(torch.optim.Optimizer):
 
     # ---- the step ----------------------------------------------------------------------------------------
 
-    def _storage(self, group: dict[str, Any], p: torch.Tensor, info) -> tuple[FloatFormat, Any] | None:
-        storage = group.get("weight_storage")
-        if storage is None:
-            return None
-        if storage == QUANTIZED_STORAGE:
-            return info  # None (stay fp32) for a parameter that is not quantized
-        return get_format(storage), 1.0
-
     def _needs_old(self, group: dict[str, Any]) -> bool:
         """Whether the update needs the pre-step weights (storage rounding, bit positions)."""
-        return group.get("weight_storage") is not None
+        return self.storage.needs_old(group)
 
     def _after_update(self, p, old, group, state, info, result) -> None:
         """Round the updated weights into the storage format (optionally Kahan-compensated)."""
-        storage = self._storage(group, p, info)
-        if storage is None:
-            return
-        fmt, scale = storage
-        rounding = group["storage_rounding"]
-        gen = self._generator(p.device) if rounding == "stochastic" else None
-        w = p.detach()
-        if group["kahan"]:
-            comp = state.get("kahan_comp")
-            if comp is None:
-                comp = state["kahan_comp"] = torch.zeros_like(w, dtype=torch.float32)
-            y = (w.float() - old.float()).add_(comp)
-            new = quantize(old.float() + y, fmt, scale, rounding=rounding, generator=gen)
-            comp.copy_(y.sub_(new - old.float()))
-        else:
-            new = quantize(w.float(), fmt, scale, rounding=rounding, generator=gen)
-        w.copy_(new)
+        self.storage.store(p, old, group, state, info, self._generator)
 
     def _update(self, p, grad, group, state, info) -> Any:  # pragma: no cover - abstract
-        """Update ``p`` in place; the return value goes to ``_after_update`` and ``_step_all``."""
+        """Update ``p`` in place; the return value goes to ``_after_update``."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def _step_all(self) -> list[Any]:
-        results = []
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """One update of every parameter with a gradient; returns the closure's loss (or None)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -350,16 +452,6 @@ class _GridAwareOptimizer(torch.optim.Optimizer):
                 old = p.detach().clone() if self._needs_old(group) else None
                 result = self._update(p, p.grad, group, state, info)
                 self._after_update(p, old, group, state, info, result)
-                results.append(result)
-        return results
-
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        """One update of every parameter with a gradient; returns the closure's loss (or None)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._step_all()
         return loss
 
 
@@ -383,6 +475,10 @@ class AdamW(_GridAwareOptimizer):
         storage_rounding: ``"nearest"`` or ``"stochastic"``.
         kahan: Kahan-compensated summation of the update into the stored weights.
         generator, seed: the random source for stochastic rounding (default: torch's global RNG).
+        extra_defaults: further per-group options of a subclass (ManifoldAdamW's ``mode``, ...).
+
+    The storage settings go to the optimizer's ``storage`` object (a ``storage_type``:
+    ``WeightStorage``, or GridOptim's ``OnGridStorage``).
 
     >>> import torch
     >>> w = torch.nn.Parameter(torch.ones(3))
@@ -391,6 +487,8 @@ class AdamW(_GridAwareOptimizer):
     >>> w.detach()
     tensor([0.9000, 1.1000, 1.0000])
     """
+
+    storage_type: type[WeightStorage] | type[OnGridStorage] = WeightStorage
 
     def __init__(
         self,
@@ -406,11 +504,13 @@ class AdamW(_GridAwareOptimizer):
         kahan: bool = False,
         generator: torch.Generator | None = None,
         seed: int | None = None,
+        extra_defaults: dict[str, Any] | None = None,
     ) -> None:
         _check_betas(betas, eps)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        weight_storage=weight_storage, storage_rounding=storage_rounding, kahan=bool(kahan))
-        super().__init__(params, defaults, quant_info, generator, seed)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        defaults |= extra_defaults or {}
+        storage = self.storage_type(weight_storage, storage_rounding, kahan)
+        super().__init__(params, defaults, storage, quant_info, generator, seed)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -494,11 +594,11 @@ class ManifoldAdamW(AdamW):
         generator: torch.Generator | None = None,
         seed: int | None = None,
     ) -> None:
-        _check_betas(betas, eps)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, weight_lr=weight_lr,
-                        mode=mode, track_bit_position=bool(track_bit_position), weight_storage=weight_storage,
-                        storage_rounding=storage_rounding, kahan=bool(kahan))  # fmt: skip
-        _GridAwareOptimizer.__init__(self, params, defaults, quant_info, generator, seed)
+        storage = dict(weight_storage=weight_storage, storage_rounding=storage_rounding, kahan=kahan)
+        super().__init__(params, lr, betas, eps, weight_decay, quant_info=quant_info, generator=generator,
+                         seed=seed, **storage,
+                         extra_defaults=dict(weight_lr=weight_lr, mode=mode,
+                                             track_bit_position=bool(track_bit_position)))
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -562,9 +662,9 @@ class SGD(_GridAwareOptimizer):
         generator: torch.Generator | None = None,
         seed: int | None = None,
     ) -> None:
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=bool(nesterov),
-                        weight_storage=weight_storage, storage_rounding=storage_rounding, kahan=bool(kahan))
-        super().__init__(params, defaults, quant_info, generator, seed)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=bool(nesterov))
+        storage = WeightStorage(weight_storage, storage_rounding, kahan)
+        super().__init__(params, defaults, storage, quant_info, generator, seed)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -605,23 +705,21 @@ class GridOptim(AdamW):
     ``(1 - weight_lr wd)`` per step in expectation (while the shrink is under one rung). A NaN
     weight stays NaN. Parameters without a format get plain AdamW at ``weight_lr``.
 
-    ``step()`` returns the closure's loss (or None), as every ``torch.optim.Optimizer``. The step's
-    counts are in ``last_step_stats = {"flips": n, "updates": m}``: ``flips`` the number of quantized
-    weights whose grid index (hence code) changed, ``updates`` the number with a non-zero gradient,
-    both 0-dim int64 tensors on the first parameter's device (no host sync). Cumulative
-    per-parameter counts are kept in ``state["flips"]`` / ``state["updates"]`` (float32 0-dim
-    tensors, so ``load_state_dict``'s dtype casting keeps them exact below 2^24).
+    Its weights stay on the grid by construction (``OnGridStorage``): ``weight_storage`` may only
+    be None or ``"quantized"`` with ``storage_rounding="stochastic"`` (what it does anyway), and no
+    ``kahan``. The codes each step changes are counted by ``WeightFlipTracker`` (or
+    ``attach_flip_tracker``), as for every optimizer.
 
     >>> import torch
     >>> from altgrad.quantization import E0M7
     >>> w = torch.nn.Parameter(torch.tensor([0.5, 0.5]))
     >>> opt = GridOptim([{"params": [w], "format": E0M7}], lr=2.0)
     >>> w.grad = torch.tensor([1.0, -1.0]); _ = opt.step()   # d = +-1: 2 rungs of 1/128 each
-    >>> (w.detach() * 128).tolist(), int(opt.last_step_stats["flips"])
-    ([62.0, 66.0], 2)
+    >>> (w.detach() * 128).tolist()
+    [62.0, 66.0]
     """
 
-    supports_storage = False
+    storage_type = OnGridStorage
 
     def __init__(
         self,
@@ -634,14 +732,16 @@ class GridOptim(AdamW):
         *,
         weight_lr: float = 1e-3,
         quant_info: QuantInfo | None = None,
+        weight_storage: str | None = None,
+        storage_rounding: str | None = None,
+        kahan: bool = False,
         generator: torch.Generator | None = None,
         seed: int | None = None,
     ) -> None:
-        _check_betas(betas, eps)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, rung_clip=rung_clip, weight_decay=weight_decay,
-                        weight_lr=weight_lr)
-        _GridAwareOptimizer.__init__(self, params, defaults, quant_info, generator, seed)
-        self.last_step_stats: dict[str, torch.Tensor] | None = None
+        storage = dict(weight_storage=weight_storage, storage_rounding=storage_rounding, kahan=kahan)
+        super().__init__(params, lr, betas, eps, weight_decay, quant_info=quant_info, generator=generator,
+                         seed=seed, **storage,
+                         extra_defaults=dict(rung_clip=rung_clip, weight_lr=weight_lr))  # fmt: skip
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -649,14 +749,11 @@ class GridOptim(AdamW):
         if not (isinstance(clip, (int, float)) and clip > 0):
             raise ValueError(f"rung_clip: must be a number > 0, got {clip!r}")
 
-    def _update(self, p, grad, group, state, info) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _update(self, p, grad, group, state, info) -> None:
         if info is None:
             return super()._update(p, grad, group, state, info)
         fmt, scale = info
         self._adam_state(p, state)
-        if "flips" not in state:
-            state["flips"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["updates"] = torch.zeros((), dtype=torch.float32, device=p.device)
         w = p.detach()
         w32 = w.float()
         rungs = self._adam_direction(grad, group, state).float().mul_(group["lr"])
@@ -671,29 +768,8 @@ class GridOptim(AdamW):
         unscaled = w32 / scale if not (isinstance(scale, float) and scale == 1.0) else w32
         index = torch.searchsorted(table, quantize(unscaled, fmt))
         new_index = (index - whole).clamp_(0, table.numel() - 1)
-        nan = torch.isnan(w32)
-        w.copy_(torch.where(nan, w32, table[new_index] * scale))
-        flips = ((new_index != index) & ~nan).sum()
-        updates = (grad != 0).sum()
-        state["flips"].add_(flips)
-        state["updates"].add_(updates)
-        return flips, updates
-
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        """One grid step; returns the closure's loss and keeps the counts in ``last_step_stats``."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        counts = [r for r in self._step_all() if r is not None]
-        device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
-        flips = torch.zeros((), dtype=torch.int64, device=device)
-        updates = torch.zeros((), dtype=torch.int64, device=device)
-        for f, u in counts:
-            flips += f.to(device, non_blocking=True)
-            updates += u.to(device, non_blocking=True)
-        self.last_step_stats = {"flips": flips, "updates": updates}
-        return loss
+        w.copy_(torch.where(torch.isnan(w32), w32, table[new_index] * scale))
+        return None
 
 
 class Madam(AdamW):
@@ -742,11 +818,10 @@ class Madam(AdamW):
         generator: torch.Generator | None = None,
         seed: int | None = None,
     ) -> None:
-        _check_betas(betas, eps)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, weight_lr=weight_lr,
-                        max_scale=max_scale, grad_bound=grad_bound, weight_storage=weight_storage,
-                        storage_rounding=storage_rounding, kahan=bool(kahan))  # fmt: skip
-        _GridAwareOptimizer.__init__(self, params, defaults, quant_info, generator, seed)
+        storage = dict(weight_storage=weight_storage, storage_rounding=storage_rounding, kahan=kahan)
+        super().__init__(params, lr, betas, eps, weight_decay, quant_info=quant_info, generator=generator,
+                         seed=seed, **storage,
+                         extra_defaults=dict(weight_lr=weight_lr, max_scale=max_scale, grad_bound=grad_bound))
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -776,11 +851,56 @@ class Madam(AdamW):
         return None
 
 
-# ---- the factory the trainer calls ----------------------------------------------------------------------
+# ---- the registry: name -> class, lr unit, options ------------------------------------------------------
 
-OPTIMIZERS = ("adamw", "manifold_adamw", "grid", "sgd", "madam")
-_OPTIONS = ("momentum", "nesterov", "mode", "track_bit_position", "rung_clip", "weight_lr",
-            "weight_storage", "storage_rounding", "kahan", "generator", "seed")  # fmt: skip
+
+@dataclass(frozen=True)
+class OptimizerEntry:
+    """One optimizer the config can name.
+
+    ``cls`` is called as ``cls(params_or_groups, lr=lr, **kwargs)`` with the keyword ``options`` it
+    takes (``build_optimizer`` passes only those). ``lr_unit`` names the unit of its ``lr``
+    (``"weight"``, ``"ulp"``, ``"rung"``, ``"log|w|"``, ...) and ``lr_default`` the peak lr used
+    when ``optimizer.lr`` is not set (None: ``train.lr``, the weight-unit lr); ``mode_units`` gives
+    both per value of the ``mode`` option where they depend on it (ManifoldAdamW's grad_scale is
+    in weight units). ``option_defaults``: ``build_optimizer``'s defaults where they differ from
+    the class's.
+    """
+
+    cls: Callable[..., torch.optim.Optimizer]
+    lr_unit: str
+    lr_default: float | None
+    options: tuple[str, ...]
+    mode_units: Mapping[str, tuple[str, float | None]] = field(default_factory=dict)
+    option_defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def unit(self, mode: str | None = None) -> tuple[str, float | None]:
+        """``(lr unit, lr default)`` under the option ``mode`` (ignored by optimizers without modes)."""
+        return self.mode_units.get(mode, (self.lr_unit, self.lr_default))
+
+
+_EVERY = ("weight_decay", "quant_info", "generator", "seed", "weight_storage", "storage_rounding", "kahan")
+_ADAM = ("betas", "eps", *_EVERY)
+
+OPTIMIZERS: dict[str, OptimizerEntry] = {
+    "adamw": OptimizerEntry(AdamW, "weight", None, _ADAM),
+    "manifold_adamw": OptimizerEntry(ManifoldAdamW, "ulp", 1.0,
+                                     (*_ADAM, "weight_lr", "mode", "track_bit_position"),
+                                     mode_units={"grad_scale": ("weight", None)}),
+    "grid": OptimizerEntry(GridOptim, "rung", 1.0, (*_ADAM, "weight_lr", "rung_clip")),
+    "sgd": OptimizerEntry(SGD, "weight", None, ("momentum", "nesterov", *_EVERY),
+                          option_defaults={"momentum": 0.9}),
+    "madam": OptimizerEntry(Madam, "log|w|", 0.01, (*_ADAM, "weight_lr")),
+}  # fmt: skip
+"""The optimizers by config name (``optimizer.name``); adding one is a class plus an entry here."""
+
+
+def optimizer_entry(name: str) -> OptimizerEntry:
+    """The registry entry of ``name`` (case-insensitive), or a ValueError listing the names."""
+    entry = OPTIMIZERS.get(name.lower()) if isinstance(name, str) else None
+    if entry is None:
+        raise ValueError(f"optimizer name: {name!r} is not one of {', '.join(OPTIMIZERS)}")
+    return entry
 
 
 def build_optimizer(
@@ -794,57 +914,59 @@ def build_optimizer(
     quant_info: QuantInfo | None = None,
     **options: Any,
 ) -> torch.optim.Optimizer:
-    """Build the optimizer ``name`` (one of ``OPTIMIZERS``) from the run config's values.
+    """Build the optimizer ``name`` (a key of ``OPTIMIZERS``) with the options its entry takes.
 
-    ``options`` (any subset): ``momentum`` (sgd; default 0.9), ``nesterov`` (sgd), ``mode`` and
-    ``track_bit_position`` (manifold_adamw), ``rung_clip`` (grid), ``weight_lr`` (manifold_adamw,
-    grid, madam: the weight-unit lr of decay and of parameters without a format; default 1e-3),
-    ``weight_storage`` / ``storage_rounding`` / ``kahan``, ``generator`` and ``seed`` (all).
-    Options that do not apply to ``name`` are ignored, so a trainer can pass its whole optimizer
-    config. ``grid`` keeps its weights on the grid and rounds its rung counts stochastically
-    already: it takes ``weight_storage`` None or ``"quantized"`` (the same thing for it), with
-    ``storage_rounding="stochastic"`` and no ``kahan``; anything else raises. ``betas``/``eps``
-    are ignored by sgd. An unknown name or option raises ``ValueError`` listing the allowed ones.
+    ``options`` (any subset of the options of all registered optimizers): ``momentum`` (sgd;
+    default 0.9), ``nesterov`` (sgd), ``mode`` and ``track_bit_position`` (manifold_adamw),
+    ``rung_clip`` (grid), ``weight_lr`` (manifold_adamw, grid, madam: the weight-unit lr of decay
+    and of parameters without a format; default 1e-3), ``weight_storage`` / ``storage_rounding`` /
+    ``kahan``, ``generator`` and ``seed``. Options that do not apply to ``name`` are ignored, so a
+    trainer can pass its whole optimizer config. ``grid`` keeps its weights on the grid and rounds
+    its rung counts stochastically already: it takes ``weight_storage`` None or ``"quantized"`` (the
+    same thing for it), with ``storage_rounding="stochastic"`` and no ``kahan``; anything else
+    raises. An unknown name or option raises ``ValueError`` listing the allowed ones.
 
     >>> import torch
     >>> build_optimizer("manifold_adamw", [torch.nn.Parameter(torch.ones(2))], lr=0.5, mode="grad_scale")
     ManifoldAdamW (...
     """
-    if not isinstance(name, str) or name.lower() not in OPTIMIZERS:
-        raise ValueError(f"optimizer name: {name!r} is not one of {', '.join(OPTIMIZERS)}")
-    unknown = sorted(set(options) - set(_OPTIONS))
+    entry = optimizer_entry(name)
+    allowed = {option for e in OPTIMIZERS.values() for option in e.options}
+    unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ValueError(f"optimizer options: unknown {unknown}; allowed: {', '.join(_OPTIONS)}")
-    name = name.lower()
-    common = {"quant_info": quant_info, "generator": options.get("generator"), "seed": options.get("seed")}
-    storage = {k: options[k] for k in ("weight_storage", "storage_rounding", "kahan") if k in options}
-    weight_lr = {"weight_lr": options["weight_lr"]} if "weight_lr" in options else {}
-    if name == "adamw":
-        return AdamW(params_or_groups, lr, betas, eps, weight_decay, **storage, **common)
-    if name == "manifold_adamw":
-        extra = {k: options[k] for k in ("mode", "track_bit_position") if k in options}
-        return ManifoldAdamW(params_or_groups, lr, betas, eps, weight_decay, **weight_lr, **extra, **storage,
-                             **common)  # fmt: skip
-    if name == "madam":
-        return Madam(params_or_groups, lr, betas, eps, weight_decay, **weight_lr, **storage, **common)
-    if name == "sgd":
-        return SGD(params_or_groups, lr, options.get("momentum", 0.9), weight_decay,
-                   options.get("nesterov", False), **storage, **common)  # fmt: skip
-    _check_grid_storage(storage)
-    return GridOptim(params_or_groups, lr, betas, eps, options.get("rung_clip", 4.0), weight_decay,
-                     **weight_lr, **common)  # fmt: skip
+        raise ValueError(f"optimizer options: unknown {unknown}; allowed: {', '.join(sorted(allowed))}")
+    given = {"betas": betas, "eps": eps, "weight_decay": weight_decay, "quant_info": quant_info, **options}
+    kwargs = {k: v for k, v in {**entry.option_defaults, **given}.items() if k in entry.options}
+    return entry.cls(params_or_groups, lr=lr, **kwargs)
 
 
-def _check_grid_storage(storage: dict[str, Any]) -> None:
-    """GridOptim stores on the grid with stochastically rounded rungs: accept only settings saying so."""
-    weight_storage = storage.get("weight_storage")
-    if weight_storage is None:
-        if storage.get("kahan"):
-            raise ValueError("kahan: the grid optimizer has no remainder to compensate; set kahan: false")
-        return
-    if weight_storage != QUANTIZED_STORAGE:
-        raise ValueError(f"weight_storage: the grid optimizer stores each weight in its own format already; "
-                         f"use none or {QUANTIZED_STORAGE!r} with grid, not {weight_storage!r}")
-    if storage.get("kahan") or storage.get("storage_rounding", "nearest") != "stochastic":
-        raise ValueError("storage_rounding / kahan: the grid optimizer rounds its rungs stochastically and "
-                         "keeps no remainder; with grid, set storage_rounding: stochastic and kahan: false")
+CONFIG_KEYWORDS = {"manifold_mode": "mode"}
+"""``optimizer`` config keys whose constructor keyword has another name."""
+
+
+def optimizer_from_config(
+    options: OptimizerConfig,
+    groups: Iterable,
+    *,
+    lr: float,
+    weight_decay: float,
+    quant_info: QuantInfo | None,
+    weight_lr: float,
+    seed: int | None,
+) -> torch.optim.Optimizer:
+    """``build_optimizer`` from the run config's ``optimizer`` section: every key but ``name`` and
+    ``lr`` passed as the keyword it names (``weight_storage`` none as None), plus the trainer's
+    ``lr``, ``weight_decay``, ``quant_info``, ``weight_lr`` and ``seed``.
+
+    >>> import torch
+    >>> from altgrad.training.config import OptimizerConfig
+    >>> opt = optimizer_from_config(OptimizerConfig(name="sgd"), [torch.nn.Parameter(torch.ones(2))],
+    ...                             lr=0.1, weight_decay=0.0, quant_info=None, weight_lr=0.1, seed=0)
+    >>> type(opt).__name__, opt.param_groups[0]["momentum"]
+    ('SGD', 0.9)
+    """
+    keywords = {CONFIG_KEYWORDS.get(key, key): value for key, value in options if key not in ("name", "lr")}
+    if keywords.get("weight_storage") == "none":
+        keywords["weight_storage"] = None
+    return build_optimizer(options.name, groups, lr=lr, weight_decay=weight_decay, quant_info=quant_info,
+                           weight_lr=weight_lr, seed=seed, **keywords)  # fmt: skip

@@ -57,7 +57,7 @@ from .interrupt import StopOnSignal
 from .interventions import FormatShiftController, PartitionRelativeClipper
 from .loggers import MetricsLogger, StepProgress
 from .models import build_model
-from .optimizer import build_optimizer
+from .optimizer import optimizer_from_config
 from .run_folder import refuse_existing_run, resume_command, start_fresh
 from .schedule import cosine_with_warmup
 
@@ -181,25 +181,9 @@ class Trainer:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": config.train.lr},
         ]
         groups = [group | {"initial_lr": group["lr"]} for group in groups if group["params"]]
-        options = config.optimizer
-        storage = options.weight_storage if options.weight_storage != "none" else None  # name or "quantized"
-        return build_optimizer(
-            options.name,
-            groups,
-            lr=config.optimizer_lr,
-            betas=options.betas,
-            eps=options.eps,
-            weight_decay=config.train.weight_decay,
-            quant_info=self.quant_info,
-            momentum=options.momentum,
-            mode=options.manifold_mode,
-            rung_clip=options.rung_clip,
-            weight_lr=config.train.lr,
-            weight_storage=storage,
-            storage_rounding=options.storage_rounding,
-            kahan=options.kahan,
-            seed=config.seed,
-        )
+        return optimizer_from_config(config.optimizer, groups, lr=config.optimizer_lr,
+                                     weight_decay=config.train.weight_decay, quant_info=self.quant_info,
+                                     weight_lr=config.train.lr, seed=config.seed)  # fmt: skip
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
 

@@ -65,8 +65,7 @@ from dataclasses import dataclass, field
 import torch
 
 from altgrad.quantization.formats import FORMATS, FloatFormat, get_format
-
-ScaleLike = torch.Tensor | float
+from altgrad.quantization.ops import ScaleLike
 
 # ---- the E/M ladder ------------------------------------------------------------------------------------
 

@@ -88,7 +88,6 @@ Example (adding 1e-3 to 1.0 in bfloat16 -- nearest stalls, Kahan does not)::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -97,7 +96,7 @@ from torch import nn
 
 from altgrad.quantization.formats import FloatFormat, get_format
 from altgrad.quantization.grid import grid_spacing
-from altgrad.quantization.ops import quantize
+from altgrad.quantization.ops import check_scale, quantize
 
 QuantInfo = Callable[[nn.Parameter], "tuple[FloatFormat, torch.Tensor | float] | None"]
 """``quant_info(param) -> (format, current scale) | None`` (None: the parameter is not quantized)."""
@@ -135,16 +134,6 @@ def _format_key(fmt: FloatFormat | str) -> FloatFormat | str:
         return fmt.name if get_format(fmt.name) == fmt else fmt
     except ValueError:
         return fmt
-
-
-def _check_scale(scale: Any) -> None:
-    if isinstance(scale, torch.Tensor):
-        if scale.device.type == "cpu" and not bool(((scale > 0) & torch.isfinite(scale)).all()):
-            raise ValueError(f"scale: must be finite and > 0, got {scale}")
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (
-        math.isfinite(scale) and scale > 0
-    ):
-        raise ValueError(f"scale: must be a finite number > 0 or a tensor, got {scale!r}")
 
 
 _FINITE_TABLES: dict[tuple[FloatFormat, torch.device], torch.Tensor] = {}
@@ -216,7 +205,7 @@ class _GridAwareOptimizer(torch.optim.Optimizer):
                 also = f" (or {QUANTIZED_STORAGE!r})" if key == "weight_storage" else ""
                 raise ValueError(f"{key}: {error}{also}") from None
         if group.get("scale") is not None:
-            _check_scale(group["scale"])
+            check_scale(group["scale"])
 
     def _check_group(self, group: dict[str, Any]) -> None:
         lr, wd = group["lr"], group.get("weight_decay", 0.0)

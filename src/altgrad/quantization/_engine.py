@@ -99,6 +99,16 @@ class _Plan:
     nan_bits: int  # the working float's canonical quiet NaN
 
 
+def _bits(value: float, work: _WorkingFloat) -> int:
+    """The bit pattern of a non-negative ``value`` that ``work`` represents exactly, in pure Python
+    (no tensor, so that a torch.compile trace of the caller has no host sync)."""
+    mantissa, exponent = math.frexp(value)  # value = mantissa * 2^exponent, 0.5 <= mantissa < 1
+    if value == 0 or exponent - 1 < work.emin:  # zero or subnormal: the field is value / 2^(emin - P)
+        return int(math.ldexp(value, work.mantissa_bits - work.emin))
+    fraction = int(math.ldexp(mantissa, work.mantissa_bits + 1)) - (1 << work.mantissa_bits)
+    return ((exponent - 1 + work.bias) << work.mantissa_bits) | fraction
+
+
 @functools.cache
 def _plan(fmt: FloatFormat, work: _WorkingFloat) -> _Plan:
     P, M = work.mantissa_bits, fmt.mantissa_bits
@@ -115,12 +125,8 @@ def _plan(fmt: FloatFormat, work: _WorkingFloat) -> _Plan:
         keep_mask=_signed(~((1 << (P - M)) - 1), work.bits),
         max_finite=fmt.max_finite,
         overflow_limit=2.0 ** (top + 1),
-        max_finite_bits=int(torch.tensor(fmt.max_finite, dtype=work.dtype).view(work.int_dtype)),
-        scaled_max_finite_bits=int(
-            torch.tensor(fmt.max_finite * 2.0 ** (work.emin - fmt.emin), dtype=work.dtype).view(
-                work.int_dtype
-            )
-        ),
+        max_finite_bits=_bits(fmt.max_finite, work),
+        scaled_max_finite_bits=_bits(fmt.max_finite * 2.0 ** (work.emin - fmt.emin), work),
         inf_bits=((1 << (work.bits - 1 - P)) - 1) << P,
         nan_bits=(((1 << (work.bits - 1 - P)) - 1) << P) | (1 << (P - 1)),
     )

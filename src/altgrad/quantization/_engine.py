@@ -462,6 +462,8 @@ def _drive(
     generator: torch.Generator | None,
     codes: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Resolve the scale (per-channel scales are divided out first), build the ``Job``, and run it
+    one of three ways: one piece inside a caller's trace, the compiled piece, or chunked kernels."""
     fmt = request.fmt
     work = _working_float(fmt, x.dtype)
     plan = _plan(fmt, work)

@@ -1,10 +1,13 @@
 """Step time of the default model: fake-quantized (W/A E4M3, G E5M2) vs fp32 vs bf16 autocast.
 
 One training step = forward + backward + AdamW step on a batch of the default shape, all variants
-in this process, interleaved, median of ``--repeats`` timed steps after warm-up. Prints a table and
-writes ``bench/results/train_step.json``.
+in this process, interleaved, median of ``--repeats`` timed steps after warm-up. The peer is the
+fp32 step of the same model in the same process (``vs fp32``). ``--compile`` adds the fp32 and the
+quantized model through ``torch.compile`` (what ``train.compile: true`` does; compiled once in the
+warm-up), to show whether compiling pays on this machine. Prints a table and writes JSON
+(``--json``, default ``bench/results/train_step.json``; bench/results/ is git-ignored).
 
-    python bench/train_step.py [--repeats 20] [--batch-size 32]
+    python bench/train_step.py [--repeats 20] [--batch-size 32] [--compile] [--json PATH]
 """
 
 from __future__ import annotations
@@ -25,24 +28,29 @@ from altgrad.training.model import GPT, GPTConfig
 VOCAB_SIZE = 65  # the shipped character-level corpus has about this many symbols
 
 
-def build_variant(name: str, model_config: GPTConfig) -> tuple[GPT, contextlib.AbstractContextManager]:
+def build_variant(
+    name: str, model_config: GPTConfig
+) -> tuple[GPT, torch.nn.Module, contextlib.AbstractContextManager]:
+    """The model, the module a step calls (the model or its compiled wrapper) and the autocast context."""
     torch.manual_seed(0)
     model = GPT(model_config)
     autocast: contextlib.AbstractContextManager = contextlib.nullcontext()
-    if name == "quantized E4M3/E5M2":
+    if name.startswith("quantized E4M3/E5M2"):
         quantize_model(model, QuantPlan(weight="E4M3", activation="E4M3", grad="E5M2"))
     elif name == "bf16 autocast":
         autocast = torch.autocast("cpu", dtype=torch.bfloat16)
-    return model, autocast
+    return model, torch.compile(model) if name.endswith("compiled") else model, autocast
 
 
-def time_steps(model: GPT, autocast, batch: tuple[torch.Tensor, torch.Tensor], repeats: int) -> list[float]:
+def time_steps(
+    model: GPT, step_model: torch.nn.Module, autocast, batch: tuple[torch.Tensor, torch.Tensor], repeats: int
+) -> list[float]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     times = []
     for i in range(repeats + 3):
         start = time.perf_counter()
         with autocast:
-            _, loss = model(*batch)
+            _, loss = step_model(*batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -55,6 +63,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd fp32 and quantized")
+    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "train_step.json")
     args = parser.parse_args()
     config = load_config(None)
     batch_size = args.batch_size or config.train.batch_size
@@ -72,20 +82,22 @@ def main() -> None:
     y = torch.randint(VOCAB_SIZE, (batch_size, config.model.block_size), generator=generator)
 
     names = ["fp32", "bf16 autocast", "quantized E4M3/E5M2"]
+    if args.compile:
+        names += ["fp32 compiled", "quantized E4M3/E5M2 compiled"]
     variants = {name: build_variant(name, model_config) for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(3):  # interleave variants so machine noise hits them alike
-        for name, (model, autocast) in variants.items():
-            times[name] += time_steps(model, autocast, (x, y), max(1, args.repeats // 3))
+        for name, (model, step_model, autocast) in variants.items():
+            times[name] += time_steps(model, step_model, autocast, (x, y), max(1, args.repeats // 3))
     medians = {name: statistics.median(values) for name, values in times.items()}
     tokens = batch_size * config.model.block_size
     shape = f"{config.model.n_layer}x{config.model.n_embd}, batch {batch_size}x{config.model.block_size}"
-    print(f"default model {shape}, {torch.get_num_threads()} threads")
-    print(f"{'variant':<22}{'median step ms':>16}{'tokens/s':>12}{'vs fp32':>10}")
+    print(f"default model {shape}, {torch.get_num_threads()} threads; peer: fp32 eager step, same process")
+    print(f"{'variant':<30}{'median step ms':>16}{'tokens/s':>12}{'vs fp32':>10}")
     rows = []
     for name in names:
         ratio = medians[name] / medians["fp32"]
-        print(f"{name:<22}{medians[name] * 1e3:>16.1f}{tokens / medians[name]:>12.0f}{ratio:>9.2f}x")
+        print(f"{name:<30}{medians[name] * 1e3:>16.1f}{tokens / medians[name]:>12.0f}{ratio:>9.2f}x")
         rows.append(
             {
                 "variant": name,
@@ -94,9 +106,11 @@ def main() -> None:
                 "ratio_vs_fp32": ratio,
             }
         )
-    out = Path(__file__).parent / "results" / "train_step.json"
-    out.parent.mkdir(exist_ok=True)
-    write_json_atomic(out, {"batch_size": batch_size, "threads": torch.get_num_threads(), "rows": rows})
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    peer = "fp32 eager step of the same model, same process"
+    result = {"batch_size": batch_size, "threads": torch.get_num_threads(), "peer": peer, "rows": rows}
+    write_json_atomic(args.json, result)
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -181,3 +181,28 @@ def test_detector_errors() -> None:
         BitStallDetector(E5M2, histogram_edges=(1, 2))
     with pytest.raises(ValueError, match="scale"):
         BitStallDetector(E5M2, scale=-1.0)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [0.0, -1.0, math.nan, math.inf, True, "1", torch.tensor([0.5, 0.0]), torch.tensor(math.inf),
+     torch.tensor([1, 2])],
+)  # fmt: skip
+def test_every_scale_is_checked_by_one_rule(bad) -> None:
+    """quantize, encode, decode, the grid, the stall detector and GridOptim reject the same scales."""
+    from altgrad.quantization import decode, quantize
+    from altgrad.training.optimizer import GridOptim
+
+    x = torch.ones(2)
+    calls = [
+        lambda: quantize(x, "E4M3", bad),
+        lambda: encode(x, "E4M3", bad),
+        lambda: decode(torch.zeros(2, dtype=torch.uint8), "E4M3", bad),
+        lambda: grid_spacing(x, "E4M3", bad),
+        lambda: crossing_probability(x, x, "E4M3", bad),
+        lambda: BitStallDetector("E4M3", bad),
+        lambda: GridOptim([{"params": [torch.nn.Parameter(x)], "format": "E4M3", "scale": bad}]),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"^scale: "):
+            call()

@@ -49,13 +49,14 @@ from altgrad.quantization import (
     E5M2,
     E7M0,
     FORMATS,
+    _engine,
     decode,
     encode,
     get_format,
-    ops,
     quantize,
 )
 from altgrad.quantization.formats import FloatFormat
+from altgrad.quantization.reference import round_value
 from references import CUSTOM_SPECS, gfloat_info, same_values
 
 ALL_NAMES = [*FORMATS, *CUSTOM_SPECS]
@@ -634,7 +635,7 @@ def test_stochastic_is_reproducible():
 def test_stochastic_result_does_not_depend_on_chunking(monkeypatch):
     x = torch.randn(100_003)
     whole = quantize(x, E4M3, rounding="stochastic", generator=seeded(4))
-    monkeypatch.setattr(ops, "CHUNK_BYTES", 4096 * 4 + 12)
+    monkeypatch.setattr(_engine, "CHUNK_BYTES", 4096 * 4 + 12)
     chunked = quantize(x, E4M3, rounding="stochastic", generator=seeded(4))
     assert torch.equal(whole, chunked)
 
@@ -816,7 +817,7 @@ def test_signed_zero():
 
 
 def test_shapes_layouts_and_empty_tensors(monkeypatch):
-    monkeypatch.setattr(ops, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(_engine, "CHUNK_BYTES", 1000)
     x = torch.randn(37, 53)
     assert torch.equal(quantize(x.T, E4M3), quantize(x.T.contiguous(), E4M3))
     assert torch.equal(quantize(x, E4M3).flatten(), quantize(x.flatten(), E4M3))
@@ -847,7 +848,7 @@ def test_results_do_not_depend_on_chunking(monkeypatch, name):
         return out
 
     whole = everything()
-    monkeypatch.setattr(ops, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(_engine, "CHUNK_BYTES", 4096)
     for a, b in zip(whole, everything(), strict=True):
         assert_same(a.double().numpy(), b.double().numpy(), x.numpy())
 
@@ -936,3 +937,76 @@ def test_cuda_has_no_host_sync():
         quantize(x, E4M3, rounding="stochastic")
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ---- the scalar reference (quantization/reference.py) against the kernels and ml_dtypes ---------------
+
+ALL_SPECS = list(FORMATS) + CUSTOM_SPECS
+
+
+def reference_of(x: np.ndarray, fmt: FloatFormat, rounding: str, policy: str, randoms=None, precision=23):
+    randoms = np.zeros(len(x), dtype=np.int64) if randoms is None else randoms
+    return np.array(
+        [
+            round_value(float(v), fmt, rounding, policy, int(r), precision)
+            for v, r in zip(x, randoms, strict=True)
+        ]
+    )
+
+
+def kernel_randoms(n: int, fmt: FloatFormat, seed: int, work) -> np.ndarray:
+    """The integers the stochastic kernel draws for elements 0..n-1 with ``seeded(seed)``."""
+    plan = _engine._plan(fmt, work)
+    keys = _engine._draw_keys(seeded(seed), torch.device("cpu"), work.bits)
+    out, tmp = torch.empty(n, dtype=work.int_dtype), torch.empty(n, dtype=work.int_dtype)
+    return _engine._random_ints(out, tmp, 0, keys, plan).numpy().astype(np.int64)
+
+
+@pytest.mark.parametrize("name", ALL_SPECS)
+def test_kernels_match_the_scalar_reference(name):
+    """Every code, midpoint, tie side, special and random value; every rounding mode and policy."""
+    fmt = get_format(name)
+    x = probes(fmt, seed=3)
+    work = _engine._working_float(fmt, torch.float32)
+    for policy in policies(fmt):
+        for rounding in ("nearest", "toward_zero"):
+            got = quantize(torch.from_numpy(x), fmt, rounding=rounding, overflow=policy)
+            assert_same(got.numpy(), reference_of(x, fmt, rounding, policy), x)
+        randoms = kernel_randoms(len(x), fmt, 7, work)
+        got = quantize(torch.from_numpy(x), fmt, rounding="stochastic", overflow=policy, generator=seeded(7))
+        expected = reference_of(x, fmt, "stochastic", policy, randoms, work.mantissa_bits)
+        assert_same(got.numpy(), expected, x)
+
+
+@pytest.mark.parametrize("name", list(ML_DTYPES_POLICY))
+def test_scalar_reference_matches_ml_dtypes(name):
+    fmt, policy = FORMATS[name], ML_DTYPES_POLICY[name]
+    x = ml_dtypes_inputs(name, probes(fmt, seed=4))
+    with np.errstate(invalid="ignore", over="ignore"):
+        expected = x.astype(getattr(ml_dtypes, name)).astype(np.float32)
+    assert_same(reference_of(x, fmt, "nearest", policy), expected, x)
+
+
+def test_scalar_reference_by_hand():
+    assert round_value(0.3, E4M3) == 0.3125 and round_value(-500.0, E4M3) == -448.0
+    assert round_value(1.0625, E4M3) == 1.0 and round_value(1.1875, E4M3) == 1.25  # ties to even
+    assert round_value(3.0, E7M0) == 4.0  # M = 0: the tie between 2 and 4 goes up
+    assert math.copysign(1, round_value(-1e-9, E4M3)) == -1 and round_value(-0.0, "float8_e4m3fnuz") == 0.0
+    assert (
+        math.isnan(round_value(500.0, E4M3, overflow="nan"))
+        and round_value(1e9, E5M2, overflow="inf") == math.inf
+    )
+    assert (
+        round_value(1e9, E5M2, "toward_zero", "inf") == 57344.0
+        and round_value(math.inf, E5M2, "toward_zero", "inf") == math.inf
+    )
+    assert (
+        round_value(1.0 + 2**-4, E4M3, "stochastic", random=(1 << 19) - 1) == 1.0
+    )  # t = 2^19: up iff random >= 2^19
+    assert round_value(1.0 + 2**-4, E4M3, "stochastic", random=1 << 19) == 1.125
+    fnu = get_format("float8_e8m0fnu")
+    assert (
+        math.isnan(round_value(0.0, fnu))
+        and round_value(1e-45, fnu) == 2.0**-127
+        and math.isnan(round_value(-1.0, fnu))
+    )

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from altgrad.quantization.formats import FloatFormat, get_format
-from altgrad.quantization.grid import _check_scale, _update_in_ulps, grid_position
-from altgrad.quantization.ops import encode
+from altgrad.quantization.grid import _update_in_ulps, grid_position
+from altgrad.quantization.ops import check_scale, encode
 from altgrad.quantization.types import FormatLike, ScaleLike
 
 HISTOGRAM_EDGES: tuple[int, ...] = (0, 1, 2, 4, 8, 16)
@@ -91,7 +91,7 @@ class BitStallDetector:
         histogram_edges: tuple[int, ...] = HISTOGRAM_EDGES,
     ) -> None:
         self.format = None if format is None else get_format(format)
-        _check_scale(scale)
+        check_scale(scale)
         self.scale = scale
         edges = tuple(int(edge) for edge in histogram_edges)
         if not edges or edges[0] != 0 or any(b <= a for a, b in itertools.pairwise(edges)):
@@ -103,7 +103,7 @@ class BitStallDetector:
         if fmt is None:
             raise ValueError("format: BitStallDetector needs a format (in the constructor or in the call)")
         scale = self.scale if scale is None else scale
-        _check_scale(scale)
+        check_scale(scale)
         return fmt, scale
 
     def measure(

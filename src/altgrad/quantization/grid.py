@@ -31,14 +31,8 @@ import math
 import torch
 
 from .formats import get_format
+from .ops import check_scale
 from .types import FormatLike, ScaleLike
-
-
-def _check_scale(scale: ScaleLike) -> None:
-    if isinstance(scale, torch.Tensor):
-        return  # checked by the quantizer where it matters; a device tensor cannot be checked without a sync
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale: must be finite and > 0, got {scale!r}")
 
 
 def grid_spacing(x: torch.Tensor, format: FormatLike, scale: ScaleLike = 1.0) -> torch.Tensor:
@@ -50,7 +44,7 @@ def grid_spacing(x: torch.Tensor, format: FormatLike, scale: ScaleLike = 1.0) ->
     float64 input), exact powers of two times ``scale``; vectorized, no host sync.
     """
     fmt = get_format(format)
-    _check_scale(scale)
+    check_scale(scale)
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = x.detach().to(dtype)
     if isinstance(scale, torch.Tensor):
@@ -82,7 +76,7 @@ def _update_in_ulps(
     fmt = get_format(format)
     if weight.shape != update.shape:
         raise ValueError(f"update: shape {tuple(update.shape)} differs from weight {tuple(weight.shape)}")
-    _check_scale(scale)
+    check_scale(scale)
     dw = update.detach().float()
     s = scale.float() if isinstance(scale, torch.Tensor) else float(scale)
     y = weight.detach().float() / s

@@ -95,6 +95,7 @@ class TrainConfig(_Section):
     eval_batches: int = Field(10, ge=1)
     log_interval: int = Field(1, ge=1)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # see altgrad/training/device.py
+    compile: bool = False  # torch.compile the training step's model: see altgrad/training/compile.py
 
 
 class OptimizerConfig(_Section):

@@ -92,7 +92,6 @@ Example (adding 1e-3 to 1.0 in bfloat16 -- nearest stalls, Kahan does not)::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -102,7 +101,7 @@ from torch import nn
 
 from altgrad.quantization.formats import FloatFormat, get_format
 from altgrad.quantization.grid import grid_spacing
-from altgrad.quantization.ops import quantize
+from altgrad.quantization.ops import check_scale, quantize
 
 if TYPE_CHECKING:
     from altgrad.training.config import OptimizerConfig
@@ -143,16 +142,6 @@ def _format_key(fmt: FloatFormat | str) -> FloatFormat | str:
         return fmt.name if get_format(fmt.name) == fmt else fmt
     except ValueError:
         return fmt
-
-
-def _check_scale(scale: Any) -> None:
-    if isinstance(scale, torch.Tensor):
-        if scale.device.type == "cpu" and not bool(((scale > 0) & torch.isfinite(scale)).all()):
-            raise ValueError(f"scale: must be finite and > 0, got {scale}")
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (
-        math.isfinite(scale) and scale > 0
-    ):
-        raise ValueError(f"scale: must be a finite number > 0 or a tensor, got {scale!r}")
 
 
 _FINITE_TABLES: dict[tuple[FloatFormat, torch.device], torch.Tensor] = {}
@@ -345,7 +334,7 @@ class _GridAwareOptimizer(torch.optim.Optimizer):
             except ValueError as error:
                 raise ValueError(f"format: {error}") from None
         if group.get("scale") is not None:
-            _check_scale(group["scale"])
+            check_scale(group["scale"])
 
     def _check_group(self, group: dict[str, Any]) -> None:
         lr, wd = group["lr"], group.get("weight_decay", 0.0)

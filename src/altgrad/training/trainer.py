@@ -50,6 +50,7 @@ from altgrad.utils import seed_everything
 from altgrad.versions import run_versions
 
 from .checkpoint import load_latest_valid, rng_state, save_checkpoint, set_rng_state
+from .compile import maybe_compile
 from .config import RunConfig, apply_overrides, config_from_dict, read_yaml, save_config
 from .data import BatchSampler, load_data
 from .distributed import DistributedRun, SilentLogger, rank_seed, set_amax_reduction
@@ -143,7 +144,7 @@ class Trainer:
         elif self.dist.is_main:  # made only now, so a data or config error leaves no empty folder behind
             start_fresh(self.run_dir)
         set_amax_reduction(self.model, self.dist.amax_group)
-        self.step_model = self.dist.wrap(self.model)  # DDP under torchrun: gradients averaged over ranks
+        self.step_model = maybe_compile(self.dist.wrap(self.model), config)  # DDP under torchrun
         self.logger: MetricsLogger | SilentLogger = SilentLogger()  # rank 0 alone writes the run folder
         if not self.dist.is_main:
             return

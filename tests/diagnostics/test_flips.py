@@ -201,13 +201,13 @@ def test_format_change_and_grad_shape_are_rejected() -> None:
 
 def _count_encodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
-    real = flip_metrics.encode
+    real = flip_metrics.native_encode
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(flip_metrics, "encode", counting)
+    monkeypatch.setattr(flip_metrics, "native_encode", counting)
     return calls
 
 

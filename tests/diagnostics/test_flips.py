@@ -91,6 +91,37 @@ def test_signed_zero_change_is_not_a_flip() -> None:
     assert _step(tracker, "fc", w, torch.tensor([-1e-30, 1e-30])) == 0
 
 
+@pytest.mark.parametrize(
+    "name", ["E4M3", "E5M2", "float8_e4m3fnuz", "E3M4", "float6_e2m3fn", "float8_e8m0fnu"]
+)
+def test_every_pair_of_values_counts_by_value_and_grid_steps(name: str) -> None:
+    """All 256 x 256 (before, after) value pairs of a format: a flip where the values differ (-0 == +0,
+    NaN == NaN; NaN != 0 in fnuz), grid steps |position after - position before| with positions
+    +-(code & magnitude bits) of the codes numpy reads off the values (NaN at the format's NaN code)."""
+    fmt = flip_metrics.get_format(name)
+    values = fmt.values().float().numpy()
+    before, after = np.repeat(values, len(values)), np.tile(values, len(values))
+    tracker = WeightFlipTracker()
+    tracker.snapshot_pre_step("all", torch.from_numpy(before), fmt, 1.0)
+    tracker.record_post_step("all", torch.from_numpy(after), fmt, 1.0)
+    counts = tracker.pop_step_counts()["all"]
+    with np.errstate(invalid="ignore"):  # the tracker encodes saturating: +-inf is +-max_finite
+        before, after = (np.clip(v, -fmt.max_finite, fmt.max_finite) for v in (before, after))
+        same = (before == after) | (np.isnan(before) & np.isnan(after))
+    assert counts["flips"] == int((~same).sum())
+
+    magnitude_bits = fmt.exponent_bits + fmt.mantissa_bits
+    canonical = {float(v): code for code, v in reversed(list(enumerate(values))) if not np.isnan(v)}
+
+    def position(v: float) -> int:
+        code = fmt.encode(math.nan) if np.isnan(v) else canonical[float(v)] if v != 0 else 0
+        sign = -1 if fmt.signed and code >> magnitude_bits else 1
+        return sign * (code & ((1 << magnitude_bits) - 1))
+
+    line = np.array([position(v) for v in np.clip(values, -fmt.max_finite, fmt.max_finite)])
+    assert counts["grid_steps"] == int(np.abs(np.tile(line, len(line)) - np.repeat(line, len(line))).sum())
+
+
 def test_update_counts_start_at_first_step_with_grad() -> None:
     tracker = WeightFlipTracker()
     w = torch.ones(4)

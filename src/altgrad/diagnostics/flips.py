@@ -18,7 +18,7 @@ stored code. Both codes of a step are taken at one fixed scale, the weight's sca
 With an fp32 master copy a stall is grid coarseness: the master keeps the update and a later step may
 cross the boundary. Only a weight *stored* in the format loses a stalled update.
 
--0 and +0 are one value, so the tracker stores -0 as +0: a zero changing sign is not a flip.
+-0 and +0 are one value (both at grid position 0): a zero changing sign is not a flip.
 
 ``WeightFlipTracker`` holds state only between ``snapshot_pre_step`` and the post-step call: the codes
 before the step (uint8, one byte per element, for formats of <= 8 bits), the mask of updated elements
@@ -56,7 +56,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from altgrad.quantization.codes import native_encode, replace_code
+from altgrad.quantization.codes import native_encode
 from altgrad.quantization.formats import FloatFormat, get_format
 from altgrad.quantization.grid import crossing_probability, grid_position
 
@@ -150,20 +150,37 @@ def _code_dtype(fmt: FloatFormat) -> torch.dtype:
     return torch.uint8 if fmt.total_bits <= 8 else torch.int32
 
 
-def _positive_zero(codes: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
-    """``codes`` with -0 replaced by +0, in place (byte arithmetic for uint8 codes: no bool mask)."""
-    if not fmt.has_negative_zero:
-        return codes
-    negative_zero = 1 << (fmt.exponent_bits + fmt.mantissa_bits)
-    if codes.dtype == torch.uint8:
-        return replace_code(codes, negative_zero, 0)
-    return codes.masked_fill_(codes == negative_zero, 0)
-
-
 def _encode(weight: torch.Tensor, fmt: FloatFormat, scale: ScaleLike) -> torch.Tensor:
-    """Codes of ``weight`` in ``fmt`` at ``scale`` (``ops.encode``'s, through torch's float8 cast where
-    the format is native), with -0 stored as +0; no host sync."""
-    return _positive_zero(native_encode(weight.detach(), fmt, scale), fmt)
+    """Codes of ``weight`` in ``fmt`` at ``scale``: ``ops.encode``'s, through torch's float8 cast where
+    the format is native (``quantization.codes``); no host sync."""
+    return native_encode(weight.detach(), fmt, scale)
+
+
+def _step_counts(
+    before: torch.Tensor, after: torch.Tensor, fmt: FloatFormat, updated: torch.Tensor | None
+) -> torch.Tensor:
+    """One step's ``COUNT_NAMES`` of a layer from its codes before and after, as one int64 tensor.
+
+    Compared through grid positions: +0 and -0 share position 0 (not a flip) and every other code has
+    its own, so positions differ exactly where the value changed, and their difference is the grid
+    steps moved. Formats whose -0 code means NaN (fnuz) compare the codes themselves.
+    """
+    small = torch.int8 if fmt.signed else torch.uint8  # positions of <= 8-bit codes
+    if fmt.total_bits > 8:
+        small = torch.int32
+    wide = torch.int16 if fmt.total_bits <= 8 else torch.int32  # holds a difference of positions
+    moved = grid_position(after, fmt, small).to(wide).sub_(grid_position(before, fmt, small)).abs_()
+    grid_steps = moved.sum(dtype=torch.int64)
+    positions_tell = fmt.has_negative_zero or not fmt.signed
+    changed = moved if positions_tell else after != before
+    flips = torch.count_nonzero(changed)
+    if updated is None:
+        zero = flips.new_zeros(())
+        return torch.stack([flips, zero, zero, zero, grid_steps])
+    changed = changed.mul_(updated) if positions_tell else changed.logical_and_(updated)
+    updated_flips = torch.count_nonzero(changed)
+    updates = torch.count_nonzero(updated)
+    return torch.stack([flips, updated_flips, flips - updated_flips, updates, grid_steps])
 
 
 def _updated_mask(name: str, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -212,7 +229,7 @@ class WeightFlipTracker:
 
         ``codes``: the codes of ``weight`` in ``format`` at ``scale`` (round to nearest) if already
         computed, e.g. by the quantized forward (``QuantizedLinear.take_weight_codes()``): no encode
-        here. The tracker takes them over (stores -0 as +0 in place).
+        here.
         """
         fmt = get_format(format)
         if not weight.is_floating_point():
@@ -226,7 +243,7 @@ class WeightFlipTracker:
                 f"weight {tuple(weight.shape)}"
             )
         else:
-            codes = _positive_zero(codes.detach(), fmt)
+            codes = codes.detach()
         copy = weight.detach().float().clone() if self.predict_stall else None
         layer = self._layer(name, weight.device)  # created only once the inputs encoded cleanly
         layer.snapshot = _Snapshot(codes=codes, format=fmt, updated=updated, weight=copy)
@@ -264,26 +281,16 @@ class WeightFlipTracker:
                 f"layer {name!r}: format {fmt.name} differs from the snapshot's {before.format.name}"
             )
         updated = before.updated if grad is None else _updated_mask(name, weight, grad)
-        after = _encode(weight, fmt, scale)
-        changed = after != before.codes
-        flips = torch.count_nonzero(changed)
-        small = torch.int16 if fmt.total_bits <= 8 else torch.int32  # holds a difference of positions
-        moved = grid_position(after, fmt, small).sub_(grid_position(before.codes, fmt, small))
-        moved = moved.abs_().sum(dtype=torch.int64)
-        zero = flips.new_zeros(())
-        if updated is None:
-            step_counts = torch.stack([flips, zero, zero, zero, moved])
-        else:
-            updated_flips = torch.count_nonzero(changed.logical_and_(updated))
-            updates = torch.count_nonzero(updated)
-            step_counts = torch.stack([flips, updated_flips, flips - updated_flips, updates, moved])
+        step_counts = _step_counts(before.codes, _encode(weight, fmt, scale), fmt, updated)
+        if updated is not None:
             layer.has_updates = True
             if before.weight is not None:
                 dw = weight.detach().float() - before.weight
                 p = crossing_probability(before.weight, dw, fmt, scale)
                 layer.expected_flips += torch.where(updated, p, 0).sum(dtype=torch.float64)  # both rows
-                layer.predicted_updates += updates
+                layer.predicted_updates += step_counts[_UPDATES]
         layer.counts += step_counts  # both rows
+        flips = step_counts[_FLIPS]
         layer.snapshot = None
         layer.steps += 1
         layer.interval_steps += 1

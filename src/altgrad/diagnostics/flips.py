@@ -23,8 +23,9 @@ cross the boundary. Only a weight *stored* in the format loses a stalled update.
 ``WeightFlipTracker`` holds state only between ``snapshot_pre_step`` and the post-step call: the codes
 before the step (uint8, one byte per element, for formats of <= 8 bits), the mask of updated elements
 if a grad was given at the snapshot (one byte), and with ``predict_stall`` a float copy of the weight.
-Both codes are encoded every step: whether a weight changed is never inferred (fused optimizers write
-weights without bumping ``param._version``). Counts accumulate as device tensors; the host syncs only
+Both codes are encoded every step (the pre-step ones may be handed in, e.g. by the quantized forward
+that computed them): whether a weight changed is never inferred (fused optimizers write weights
+without bumping ``param._version``). Counts accumulate as device tensors; the host syncs only
 when counts are read, once for all layers.
 
 Usage in any training loop::

@@ -91,6 +91,37 @@ def test_signed_zero_change_is_not_a_flip() -> None:
     assert _step(tracker, "fc", w, torch.tensor([-1e-30, 1e-30])) == 0
 
 
+@pytest.mark.parametrize(
+    "name", ["E4M3", "E5M2", "float8_e4m3fnuz", "E3M4", "float6_e2m3fn", "float8_e8m0fnu"]
+)
+def test_every_pair_of_values_counts_by_value_and_grid_steps(name: str) -> None:
+    """All 256 x 256 (before, after) value pairs of a format: a flip where the values differ (-0 == +0,
+    NaN == NaN; NaN != 0 in fnuz), grid steps |position after - position before| with positions
+    +-(code & magnitude bits) of the codes numpy reads off the values (NaN at the format's NaN code)."""
+    fmt = flip_metrics.get_format(name)
+    values = fmt.values().float().numpy()
+    before, after = np.repeat(values, len(values)), np.tile(values, len(values))
+    tracker = WeightFlipTracker()
+    tracker.snapshot_pre_step("all", torch.from_numpy(before), fmt, 1.0)
+    tracker.record_post_step("all", torch.from_numpy(after), fmt, 1.0)
+    counts = tracker.pop_step_counts()["all"]
+    with np.errstate(invalid="ignore"):  # the tracker encodes saturating: +-inf is +-max_finite
+        before, after = (np.clip(v, -fmt.max_finite, fmt.max_finite) for v in (before, after))
+        same = (before == after) | (np.isnan(before) & np.isnan(after))
+    assert counts["flips"] == int((~same).sum())
+
+    magnitude_bits = fmt.exponent_bits + fmt.mantissa_bits
+    canonical = {float(v): code for code, v in reversed(list(enumerate(values))) if not np.isnan(v)}
+
+    def position(v: float) -> int:
+        code = fmt.encode(math.nan) if np.isnan(v) else canonical[float(v)] if v != 0 else 0
+        sign = -1 if fmt.signed and code >> magnitude_bits else 1
+        return sign * (code & ((1 << magnitude_bits) - 1))
+
+    line = np.array([position(v) for v in np.clip(values, -fmt.max_finite, fmt.max_finite)])
+    assert counts["grid_steps"] == int(np.abs(np.tile(line, len(line)) - np.repeat(line, len(line))).sum())
+
+
 def test_update_counts_start_at_first_step_with_grad() -> None:
     tracker = WeightFlipTracker()
     w = torch.ones(4)
@@ -201,13 +232,13 @@ def test_format_change_and_grad_shape_are_rejected() -> None:
 
 def _count_encodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
-    real = flip_metrics.encode
+    real = flip_metrics.native_encode
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(flip_metrics, "encode", counting)
+    monkeypatch.setattr(flip_metrics, "native_encode", counting)
     return calls
 
 
@@ -413,6 +444,86 @@ def test_attached_tracker_matches_quantized_values() -> None:
     hooks = hooks_holder["hooks"]
     assert set(hooks.layers) == {"0", "2", "4"} and hooks.layers["0"] == "0.weight"
     _check(hooks.tracker, expected, rename=lambda n: n.removesuffix(".weight"))
+
+
+def test_codes_from_the_quantized_forward_count_the_same_with_one_encode_per_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The trainer's path: delayed scaling (a new scale each step), the forward's codes at the snapshot."""
+    from altgrad.integration import LayerQuantSpec, QuantizedLinear
+
+    calls = _count_encodes(monkeypatch)
+    model = _mlp()
+    for i in (0, 2, 4):
+        model[i] = QuantizedLinear(model[i], LayerQuantSpec(weight=E4M3, scaling="delayed"))
+        model[i].keep_weight_codes = True
+    layers = {str(i): model[i] for i in (0, 2, 4)}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.5)
+    tracker = WeightFlipTracker()
+    expected = {name: dict(flips=0, updates=0, updated_flips=0, drift_flips=0) for name in layers}
+    for _ in range(5):
+        x, y = _batch()
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        scales = {name: layer.weight_scale() for name, layer in layers.items()}
+        before = {name: quantize(layer.weight.detach(), E4M3, scales[name]) for name, layer in layers.items()}
+        for name, layer in layers.items():
+            tracker.snapshot_pre_step(name, layer.weight, E4M3, scales[name], codes=layer.take_weight_codes())
+        optimizer.step()
+        for name, layer in layers.items():
+            tracker.record_post_step(name, layer.weight, E4M3, scales[name], grad=layer.weight.grad)
+            changed = quantize(layer.weight.detach(), E4M3, scales[name]) != before[name]
+            updated = layer.weight.grad.abs() > 1e-10
+            c = expected[name]
+            c["flips"] += int(changed.sum())
+            c["updates"] += int(updated.sum())
+            c["updated_flips"] += int((changed & updated).sum())
+            c["drift_flips"] += int((changed & ~updated).sum())
+    assert len(calls) == 5 * len(layers)  # the post-step encode only
+    _check(tracker, expected)
+
+
+def test_handed_codes_must_be_the_formats_codes_of_the_weight() -> None:
+    tracker = WeightFlipTracker()
+    w = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="are not E4M3 codes"):
+        tracker.snapshot_pre_step("fc", w, E4M3, 1.0, codes=torch.zeros(3, 4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="are not E4M3 codes"):
+        tracker.snapshot_pre_step("fc", w, E4M3, 1.0, codes=torch.zeros(4, 3, dtype=torch.int32))
+    negative_zero = torch.full((4, 3), 0x80, dtype=torch.uint8)  # -0, as a forward may produce
+    tracker.snapshot_pre_step("fc", torch.zeros(4, 3), E4M3, 1.0, codes=negative_zero)
+    assert tracker.compute_flips_post_step("fc", torch.zeros(4, 3), E4M3, 1.0) == 0
+
+
+def test_toggling_predict_stall_predicts_over_the_predicting_steps_only() -> None:
+    torch.manual_seed(1)
+    w = torch.rand(4096) * 0.2 + 1.4  # inside one E4M3 binade (ulp 0.125), also after the steps
+    grads = [torch.randn_like(w).clamp_(-4, 4) for _ in range(3)]
+    tracker = WeightFlipTracker(predict_stall=False)
+    weight = w.clone()
+    _step(tracker, "fc", weight, weight - 0.01 * grads[0], grad=grads[0], fmt=E4M3)  # not predicted
+    tracker.predict_stall = True
+    before = weight.clone()
+    _step(tracker, "fc", weight, weight - 0.02 * grads[1], grad=grads[1], fmt=E4M3)  # predicted
+    dw = (weight - before).numpy()
+    expected = 1.0 - float(np.minimum(1.0, np.abs(dw) / 0.125).mean())  # every element is updated
+    tracker.predict_stall = False
+    tracker.snapshot_pre_step("fc", weight, E4M3, 1.0, grad=grads[2])  # no copy taken: not predicted
+    tracker.predict_stall = True
+    tracker.record_post_step("fc", weight - 0.01 * grads[2], E4M3, 1.0)
+    counts = tracker.pop_step_counts()["fc"]
+    assert counts["updates"] == 3 * 4096 and counts["predicted_updates"] == 4096
+    assert counts["predicted_stall_ratio"] == pytest.approx(expected, abs=1e-6)
+    state = tracker.state_dict()
+    assert state["layers"]["fc"]["predicted_updates"] == [4096, 0]
+    legacy = {"version": 2, "layers": {"fc": dict(state["layers"]["fc"])}}  # before predicted updates
+    del legacy["layers"]["fc"]["predicted_updates"]
+    resumed = WeightFlipTracker(predict_stall=True)
+    resumed.load_state_dict(legacy)
+    assert resumed.state_dict()["layers"]["fc"]["predicted_updates"] == [
+        3 * 4096,
+        0,
+    ]  # rows with expected flips
 
 
 # ---- attach_flip_tracker ------------------------------------------------------------------------------

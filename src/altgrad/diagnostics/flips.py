@@ -18,13 +18,14 @@ stored code. Both codes of a step are taken at one fixed scale, the weight's sca
 With an fp32 master copy a stall is grid coarseness: the master keeps the update and a later step may
 cross the boundary. Only a weight *stored* in the format loses a stalled update.
 
--0 and +0 are one value, so the tracker stores -0 as +0: a zero changing sign is not a flip.
+-0 and +0 are one value (both at grid position 0): a zero changing sign is not a flip.
 
 ``WeightFlipTracker`` holds state only between ``snapshot_pre_step`` and the post-step call: the codes
 before the step (uint8, one byte per element, for formats of <= 8 bits), the mask of updated elements
 if a grad was given at the snapshot (one byte), and with ``predict_stall`` a float copy of the weight.
-Both codes are encoded every step: whether a weight changed is never inferred (fused optimizers write
-weights without bumping ``param._version``). Counts accumulate as device tensors; the host syncs only
+Both codes are encoded every step (the pre-step ones may be handed in, e.g. by the quantized forward
+that computed them): whether a weight changed is never inferred (fused optimizers write weights
+without bumping ``param._version``). Counts accumulate as device tensors; the host syncs only
 when counts are read, once for all layers.
 
 Usage in any training loop::
@@ -56,9 +57,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from altgrad.quantization.codes import native_encode
 from altgrad.quantization.formats import FloatFormat, get_format
 from altgrad.quantization.grid import crossing_probability, grid_position
-from altgrad.quantization.ops import encode
 from altgrad.quantization.types import FormatLike, ScaleLike
 
 UPDATE_THRESHOLD = 1e-10
@@ -68,7 +69,7 @@ COUNT_NAMES: tuple[str, ...] = ("flips", "updated_flips", "drift_flips", "update
 """The columns of each layer's count tensor (``grid_steps``: summed |position change| of all elements)."""
 _FLIPS, _UPDATED_FLIPS, _DRIFT_FLIPS, _UPDATES, _GRID_STEPS = range(len(COUNT_NAMES))
 _TOTAL, _INTERVAL = 0, 1  # rows: since the start (or reset) / since the last pop_step_counts
-_STATE_VERSION = 2
+_STATE_VERSION = 3
 
 
 def compute_flip_rate(prev_quantized: torch.Tensor, curr_quantized: torch.Tensor) -> float:
@@ -134,6 +135,7 @@ class _Layer:
 
     counts: torch.Tensor  # (2, len(COUNT_NAMES)) int64: rows _TOTAL / _INTERVAL
     expected_flips: torch.Tensor  # (2,) float64: summed crossing probability of updated elements
+    predicted_updates: torch.Tensor  # (2,) int64: the updates of the steps that made that prediction
     steps: int = 0
     element_steps: int = 0
     interval_steps: int = 0
@@ -142,12 +144,42 @@ class _Layer:
     snapshot: _Snapshot | None = None
 
 
+def _code_dtype(fmt: FloatFormat) -> torch.dtype:
+    """The dtype of ``fmt``'s codes (``ops.encode``'s): uint8 up to 8 bits, int32 above."""
+    return torch.uint8 if fmt.total_bits <= 8 else torch.int32
+
+
 def _encode(weight: torch.Tensor, fmt: FloatFormat, scale: ScaleLike) -> torch.Tensor:
-    """Codes of ``weight`` in ``fmt`` at ``scale``, with -0 stored as +0 (no host sync)."""
-    codes = encode(weight.detach(), fmt, scale, check_nan=False)
-    if fmt.has_negative_zero:
-        codes = codes.masked_fill_(codes == 1 << (fmt.exponent_bits + fmt.mantissa_bits), 0)
-    return codes
+    """Codes of ``weight`` in ``fmt`` at ``scale``: ``ops.encode``'s, through torch's float8 cast where
+    the format is native (``quantization.codes``); no host sync."""
+    return native_encode(weight.detach(), fmt, scale)
+
+
+def _step_counts(
+    before: torch.Tensor, after: torch.Tensor, fmt: FloatFormat, updated: torch.Tensor | None
+) -> torch.Tensor:
+    """One step's ``COUNT_NAMES`` of a layer from its codes before and after, as one int64 tensor.
+
+    Compared through grid positions: +0 and -0 share position 0 (not a flip) and every other code has
+    its own, so positions differ exactly where the value changed, and their difference is the grid
+    steps moved. Formats whose -0 code means NaN (fnuz) compare the codes themselves.
+    """
+    small = torch.int8 if fmt.signed else torch.uint8  # positions of <= 8-bit codes
+    if fmt.total_bits > 8:
+        small = torch.int32
+    wide = torch.int16 if fmt.total_bits <= 8 else torch.int32  # holds a difference of positions
+    moved = grid_position(after, fmt, small).to(wide).sub_(grid_position(before, fmt, small)).abs_()
+    grid_steps = moved.sum(dtype=torch.int64)
+    positions_tell = fmt.has_negative_zero or not fmt.signed
+    changed = moved if positions_tell else after != before
+    flips = torch.count_nonzero(changed)
+    if updated is None:
+        zero = flips.new_zeros(())
+        return torch.stack([flips, zero, zero, zero, grid_steps])
+    changed = changed.mul_(updated) if positions_tell else changed.logical_and_(updated)
+    updated_flips = torch.count_nonzero(changed)
+    updates = torch.count_nonzero(updated)
+    return torch.stack([flips, updated_flips, flips - updated_flips, updates, grid_steps])
 
 
 def _updated_mask(name: str, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -185,6 +217,7 @@ class WeightFlipTracker:
         format: FormatLike,
         scale: ScaleLike,
         grad: torch.Tensor | None = None,
+        codes: torch.Tensor | None = None,
     ) -> None:
         """Remember the codes of ``weight`` before the optimizer step (and which elements have a grad).
 
@@ -192,12 +225,24 @@ class WeightFlipTracker:
         updates (``update_counts[name]`` exists from the first step with a grad) and flips are split
         into updated and drift flips; without it, flips are counted but not split. A second snapshot
         before the post-step call replaces the first.
+
+        ``codes``: the codes of ``weight`` in ``format`` at ``scale`` (round to nearest) if already
+        computed, e.g. by the quantized forward (``QuantizedLinear.take_weight_codes()``): no encode
+        here.
         """
         fmt = get_format(format)
         if not weight.is_floating_point():
             raise ValueError(f"layer {name!r}: weight must be a floating-point tensor, got {weight.dtype}")
         updated = None if grad is None else _updated_mask(name, weight, grad)
-        codes = _encode(weight, fmt, scale)
+        if codes is None:
+            codes = _encode(weight, fmt, scale)
+        elif codes.shape != weight.shape or codes.dtype != _code_dtype(fmt):
+            raise ValueError(
+                f"layer {name!r}: codes {codes.dtype} {tuple(codes.shape)} are not {fmt.name} codes of the "
+                f"weight {tuple(weight.shape)}"
+            )
+        else:
+            codes = codes.detach()
         copy = weight.detach().float().clone() if self.predict_stall else None
         layer = self._layer(name, weight.device)  # created only once the inputs encoded cleanly
         layer.snapshot = _Snapshot(codes=codes, format=fmt, updated=updated, weight=copy)
@@ -235,25 +280,16 @@ class WeightFlipTracker:
                 f"layer {name!r}: format {fmt.name} differs from the snapshot's {before.format.name}"
             )
         updated = before.updated if grad is None else _updated_mask(name, weight, grad)
-        after = _encode(weight, fmt, scale)
-        changed = after != before.codes
-        flips = torch.count_nonzero(changed)
-        small = torch.int16 if fmt.total_bits <= 8 else torch.int32  # holds a difference of positions
-        moved = grid_position(after, fmt, small).sub_(grid_position(before.codes, fmt, small))
-        moved = moved.abs_().sum(dtype=torch.int64)
-        zero = flips.new_zeros(())
-        if updated is None:
-            step_counts = torch.stack([flips, zero, zero, zero, moved])
-        else:
-            updated_flips = torch.count_nonzero(changed.logical_and_(updated))
-            updates = torch.count_nonzero(updated)
-            step_counts = torch.stack([flips, updated_flips, flips - updated_flips, updates, moved])
+        step_counts = _step_counts(before.codes, _encode(weight, fmt, scale), fmt, updated)
+        if updated is not None:
             layer.has_updates = True
             if before.weight is not None:
                 dw = weight.detach().float() - before.weight
                 p = crossing_probability(before.weight, dw, fmt, scale)
                 layer.expected_flips += torch.where(updated, p, 0).sum(dtype=torch.float64)  # both rows
+                layer.predicted_updates += step_counts[_UPDATES]
         layer.counts += step_counts  # both rows
+        flips = step_counts[_FLIPS]
         layer.snapshot = None
         layer.steps += 1
         layer.interval_steps += 1
@@ -282,8 +318,8 @@ class WeightFlipTracker:
     # ---- reading counts -------------------------------------------------------------------------------
 
     def _read(self, row: int) -> dict[str, list[float]]:
-        """The count row of every layer, then its expected flips, one host sync per device (one in
-        practice): ints, and the expected flips as a float."""
+        """The count row of every layer, then its expected flips and predicted updates, one host sync per
+        device (one in practice): ints, and the expected flips as a float."""
         by_device: dict[torch.device, list[str]] = {}
         for name, layer in self._layers.items():
             by_device.setdefault(layer.counts.device, []).append(name)
@@ -291,8 +327,9 @@ class WeightFlipTracker:
         for names in by_device.values():
             counts = torch.stack([self._layers[name].counts[row] for name in names]).tolist()
             expected = torch.stack([self._layers[name].expected_flips[row] for name in names]).tolist()
-            for name, c, e in zip(names, counts, expected, strict=True):
-                values[name] = [*c, e]
+            predicted = torch.stack([self._layers[name].predicted_updates[row] for name in names]).tolist()
+            for name, c, e, u in zip(names, counts, expected, predicted, strict=True):
+                values[name] = [*c, e, u]
         return {name: values[name] for name in self._layers}
 
     def get_flip_counts(self) -> dict[str, int]:
@@ -343,9 +380,9 @@ class WeightFlipTracker:
             c["stall_ratio"] = compute_stall_ratio(row[_UPDATED_FLIPS], row[_UPDATES])
             c["flip_rate"] = row[_FLIPS] / c["element_steps"] if c["element_steps"] else 0.0
             c["update_ulps"] = row[_GRID_STEPS] / c["element_steps"] if c["element_steps"] else 0.0
-            if self.predict_stall:
-                c["expected_flips"] = row[-1]
-                c["predicted_stall_ratio"] = compute_stall_ratio(row[-1], row[_UPDATES])
+            if self.predict_stall:  # over the steps that predicted: the flag may have changed since
+                c["expected_flips"], c["predicted_updates"] = row[-2], row[-1]
+                c["predicted_stall_ratio"] = compute_stall_ratio(row[-2], row[-1])
             counts[name] = c
         return counts
 
@@ -355,6 +392,7 @@ class WeightFlipTracker:
         for layer in self._layers.values():
             layer.counts[_INTERVAL].zero_()
             layer.expected_flips[_INTERVAL].zero_()
+            layer.predicted_updates[_INTERVAL].zero_()
             layer.interval_steps = layer.interval_element_steps = 0
         return counts
 
@@ -381,7 +419,7 @@ class WeightFlipTracker:
             metrics[f"update_ulps/{name}"] = c["update_ulps"]
             if "predicted_stall_ratio" in c:
                 metrics[f"predicted_stall_ratio/{name}"] = c["predicted_stall_ratio"]
-                if c["updates"] > 0:
+                if c.get("predicted_updates", c["updates"]) > 0:
                     predicted.append(c["predicted_stall_ratio"])
             if c["updates"] > 0:
                 stall_ratios.append(metrics[f"stall_ratio/{name}"])
@@ -394,7 +432,7 @@ class WeightFlipTracker:
         metrics["stall_ratio/mean"] = sum(stall_ratios) / len(stall_ratios) if stall_ratios else 0.0
         metrics["flip_rate/mean"] = sum(flip_rates) / len(flip_rates) if flip_rates else 0.0
         metrics["update_ulps/mean"] = sum(update_ulps) / len(update_ulps) if update_ulps else 0.0
-        if any("predicted_stall_ratio" in c for c in counts.values()):
+        if any("predicted_stall_ratio" in c for c in counts.values()):  # over layers with predicted updates
             metrics["predicted_stall_ratio/mean"] = sum(predicted) / len(predicted) if predicted else 0.0
         return metrics
 
@@ -428,6 +466,7 @@ class WeightFlipTracker:
                     "counts": totals[name][:n],
                     "interval_counts": intervals[name][:n],
                     "expected_flips": [totals[name][n], intervals[name][n]],
+                    "predicted_updates": [totals[name][n + 1], intervals[name][n + 1]],
                     "steps": layer.steps,
                     "element_steps": layer.element_steps,
                     "interval_steps": layer.interval_steps,
@@ -440,11 +479,12 @@ class WeightFlipTracker:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Replace all counts with those of ``state_dict()`` (version 1 states read with zero grid steps
-        and expected flips)."""
+        and expected flips; versions 1 and 2, which did not count predicted updates, with the updates
+        of each row that has expected flips)."""
         version = state.get("version") if isinstance(state, Mapping) else None
-        if version not in (1, _STATE_VERSION) or "layers" not in state:
+        if version not in (1, 2, _STATE_VERSION) or "layers" not in state:
             raise ValueError(
-                f"state: not a WeightFlipTracker state_dict (expected version 1 or {_STATE_VERSION} "
+                f"state: not a WeightFlipTracker state_dict (expected version 1 to {_STATE_VERSION} "
                 "with 'layers')"
             )
         pad = [0] * (len(COUNT_NAMES) - 4) if version == 1 else []
@@ -452,9 +492,14 @@ class WeightFlipTracker:
         for name, saved in state["layers"].items():
             try:
                 counts = [list(saved["counts"]) + pad, list(saved["interval_counts"]) + pad]
+                expected = list(saved.get("expected_flips", [0.0, 0.0]))
+                predicted = saved.get("predicted_updates") or [
+                    row[_UPDATES] if e > 0 else 0 for row, e in zip(counts, expected, strict=True)
+                ]
                 layer = _Layer(
                     counts=torch.tensor(counts, dtype=torch.int64),
-                    expected_flips=torch.tensor(saved.get("expected_flips", [0.0, 0.0]), dtype=torch.float64),
+                    expected_flips=torch.tensor(expected, dtype=torch.float64),
+                    predicted_updates=torch.tensor(predicted, dtype=torch.int64),
                     steps=int(saved["steps"]),
                     element_steps=int(saved["element_steps"]),
                     interval_steps=int(saved["interval_steps"]),
@@ -463,7 +508,8 @@ class WeightFlipTracker:
                 )
             except (KeyError, TypeError, ValueError) as error:
                 raise ValueError(f"state: layer {name!r} is malformed ({error})") from None
-            if layer.counts.shape != (2, len(COUNT_NAMES)) or layer.expected_flips.shape != (2,):
+            pairs = (layer.expected_flips.shape, layer.predicted_updates.shape)
+            if layer.counts.shape != (2, len(COUNT_NAMES)) or pairs != ((2,), (2,)):
                 raise ValueError(f"state: layer {name!r} counts must have {len(COUNT_NAMES)} columns")
             layers[name] = layer
         self._layers = layers
@@ -473,10 +519,13 @@ class WeightFlipTracker:
         if layer is None:
             counts = torch.zeros(2, len(COUNT_NAMES), dtype=torch.int64, device=device)
             expected = torch.zeros(2, dtype=torch.float64, device=device)
-            layer = self._layers[name] = _Layer(counts=counts, expected_flips=expected)
+            predicted = torch.zeros(2, dtype=torch.int64, device=device)
+            layer = _Layer(counts=counts, expected_flips=expected, predicted_updates=predicted)
+            self._layers[name] = layer
         elif layer.counts.device != device:  # loaded from a checkpoint on another device
             layer.counts = layer.counts.to(device)
             layer.expected_flips = layer.expected_flips.to(device)
+            layer.predicted_updates = layer.predicted_updates.to(device)
         return layer
 
 

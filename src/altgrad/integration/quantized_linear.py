@@ -50,6 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from altgrad.quantization.codes import quantize_keeping_codes
 from altgrad.quantization.formats import FloatFormat, format_name
 from altgrad.quantization.ops import quantize
 from altgrad.quantization.scaling import (
@@ -89,6 +90,8 @@ class _TensorQuantizer(nn.Module):
         self.collect_stats = False
         self.generator: torch.Generator | None = None
         self.amax_group = None  # a torch.distributed group: training amax all_reduce(MAX) over it
+        self.keep_codes = False  # keep the codes of the last forward for a flip tracker (weights)
+        self.last_codes: tuple[torch.Tensor, int] | None = None  # (uint8 codes, x._version then)
 
     @property
     def format(self) -> FloatFormat | None:
@@ -138,7 +141,11 @@ class _TensorQuantizer(nn.Module):
             quantized = x + (quantized - x).detach()  # straight-through
         else:
             scale = self.last_scale = self.scale_for(x, record=self.training)
-            quantized = quantize(x, fmt, scale, rounding=self.spec.rounding, generator=self.generator)
+            if self.keep_codes:  # one encode gives the forward's values and the tracker's codes
+                quantized, codes = quantize_keeping_codes(x, fmt, scale, self.spec.rounding, self.generator)
+                self.last_codes = None if codes is None else (codes, x._version)
+            else:
+                quantized = quantize(x, fmt, scale, rounding=self.spec.rounding, generator=self.generator)
         if self.collect_stats:
             self._count(x.detach(), quantized.detach(), scale)
         return quantized
@@ -254,6 +261,33 @@ class QuantizedLinear(nn.Module):
         with torch.no_grad():
             return quantize(self.weight.detach(), fmt, self.weight_scale())
 
+    @property
+    def keep_weight_codes(self) -> bool:
+        """Whether each forward keeps the weight's codes for ``take_weight_codes`` (a flip tracker's)."""
+        return self.quantizers["weight"].keep_codes
+
+    @keep_weight_codes.setter
+    def keep_weight_codes(self, on: bool) -> None:
+        self.quantizers["weight"].keep_codes = on
+        self.quantizers["weight"].last_codes = None
+
+    def take_weight_codes(self) -> torch.Tensor | None:
+        """The uint8 codes of the weight the last forward used, at ``weight_scale()``, in the stored
+        layout; handed over once (the layer drops them). None if the forward kept none (not
+        ``keep_weight_codes``, stochastic rounding, a format torch has no float8 dtype for) or the
+        weight was written since (its version counter moved).
+
+        Example (what the trainer does)::
+
+            >>> tracker.snapshot_pre_step(name, layer.weight, layer.weight_format, layer.weight_scale(),
+            ...                           codes=layer.take_weight_codes())     # doctest: +SKIP
+        """
+        quantizer = self.quantizers["weight"]
+        kept, quantizer.last_codes = quantizer.last_codes, None
+        if kept is None or kept[1] != self.weight._version:
+            return None
+        return kept[0].t() if self.transposed else kept[0]
+
     def set_format(self, kind: str, fmt: FormatLike | None) -> None:
         """Switch one tensor kind to another format (an emergency format shift; a name or "none" is read
         by ``parse_format``); the amax history stays."""
@@ -261,6 +295,7 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"kind: {kind!r} is not one of {TENSOR_KINDS}")
         self.spec = replace(self.spec, **{kind: fmt})
         self.quantizers[kind].spec = self.spec.tensor(kind)
+        self.quantizers[kind].last_codes = None  # codes in the old format
 
     @property
     def collect_stats(self) -> bool:

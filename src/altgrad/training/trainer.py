@@ -6,8 +6,8 @@ One step, in the order of DESIGN.md:
    quantized weight), loss;
 2. backward (each layer's output gradient fake-quantized in the grad format);
 3. gradient statistics (every ``grad_stats_interval``), clipping;
-4. ``WeightFlipTracker.snapshot_pre_step`` for each quantized weight (codes, and a float copy for the
-   predicted stall, held only through the step);
+4. ``WeightFlipTracker.snapshot_pre_step`` for each quantized weight (the codes the forward computed,
+   and a float copy for the predicted stall, held only through the step);
 5. ``optimizer.step()``;
 6. flips, updates, measured and predicted stall, update ulps per layer (codes at the pre-step scale);
    optimizer statistics while the gradients exist;
@@ -112,6 +112,8 @@ class Trainer:
         self.layer_of_param = {id(layer.weight): layer for layer in self.tracked.values()}
         self.optimizer = self._build_optimizer()
         self.tracker = WeightFlipTracker(predict_stall=True)
+        for layer in self.tracked.values():  # the forward hands its weight codes to the tracker
+            layer.keep_weight_codes = config.diagnostics.flips
         self.rank_monitor = RankHealthMonitor(
             log_interval=config.diagnostics.rank_interval,
             warn_threshold=config.diagnostics.rank_warn_threshold,
@@ -319,13 +321,16 @@ class Trainer:
 
         if measure["flips"]:
             for name, layer in self.tracked.items():
+                codes = layer.take_weight_codes()  # the forward's: no second encode
                 self.tracker.snapshot_pre_step(
-                    name, layer.weight, layer.weight_format, layer.weight_scale(), grad=layer.weight.grad
+                    name, layer.weight, layer.weight_format, layer.weight_scale(), codes=codes
                 )
         self.optimizer.step()
         if measure["flips"]:
             for name, layer in self.tracked.items():
-                self.tracker.record_post_step(name, layer.weight, layer.weight_format, layer.weight_scale())
+                self.tracker.record_post_step(
+                    name, layer.weight, layer.weight_format, layer.weight_scale(), grad=layer.weight.grad
+                )
         if measure["optimizer_stats"]:  # before zero_grad: grad_stiffness_corr needs the gradients
             weights = {name: layer.weight for name, layer in self.tracked.items()}
             record.update(optimizer_statistics(self.optimizer, self.quant_info, weights))

@@ -387,7 +387,6 @@ class Trainer:
         for warning in self.startup_warnings if self.dist.is_main else ():  # once, not once per rank
             print(f"altgrad: warning: {warning}", file=sys.stderr)
             self.logger.event(self.step, "alert", warning)
-        tokens_per_step = config.train.batch_size * config.model.block_size
         progress = StepProgress(  # a bar on a terminal, plain lines in a log file
             config.name,
             config.train.max_steps,
@@ -409,36 +408,19 @@ class Trainer:
                 step = self.step + 1
                 loss, record = self._train_step(step)
                 window_steps += 1
-                if not self._logged(step):
-                    self._save_if_due()
-                    continue
-                # the record: the loss, the speed of the steps since the last record, every measurement
-                elapsed = time.perf_counter() - window_start
-                record = {"step": step, "train_loss": float(self.dist.mean(loss)), **record}
-                if "grad_norm" in record:
-                    record["grad_norm"] = float(record["grad_norm"])
-                record["tokens"] = step * tokens_per_step
-                record["tokens_per_s"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
-                record["elapsed_s"] = self._wall_time()
-                window_start, window_steps = time.perf_counter(), 0
-                for component in self.components.values():
-                    record |= component.measure(step)
-                # a non-finite loss or weight ends the run here, before anything acts on it
-                nonfinite = self._nonfinite_layers()
-                if not math.isfinite(record["train_loss"]) or nonfinite:
-                    what = "loss" if not math.isfinite(record["train_loss"]) else "weights"
-                    where = ", ".join(nonfinite) if nonfinite else "none (loss only)"
-                    stop_message = f"non-finite {what} at step {step}; non-finite parameters: {where}"
+                if self._logged(step):
+                    elapsed, window_start = time.perf_counter() - window_start, time.perf_counter()
+                    record = self._measure(step, loss, record, window_steps, elapsed)
+                    window_steps = 0
+                    if (stop_message := self._nan_stop(step, record)) is not None:
+                        status = "nan_stop"
+                        break
+                    if self._due(config.train.eval_interval, step) and self.dist.is_main:
+                        record |= self._eval_record()
+                    for component in self.components.values():  # rank health, format shifts, events
+                        record |= component.on_log(step)
                     self.logger.log(record)
-                    self.logger.event(step, "nan_stop", stop_message, layers=nonfinite)
-                    status = "nan_stop"
-                    break
-                if self._due(config.train.eval_interval, step) and self.dist.is_main:
-                    record |= self._eval_record()
-                for component in self.components.values():  # rank health, format shifts, events
-                    record |= component.on_log(step)
-                self.logger.log(record)
-                progress.show(step, record)
+                    progress.show(step, record)
                 self._save_if_due()
         except BaseException as error:
             # an exception may cut a step in half (amax histories, RNG, optimizer partly updated):
@@ -471,6 +453,35 @@ class Trainer:
                 self.folder.write_summary(summary)
             self.dist.close()
         return summary
+
+    def _measure(
+        self, step: int, loss: torch.Tensor, record: dict[str, Any], window_steps: int, elapsed: float
+    ) -> dict[str, Any]:
+        """The logged step's record: its loss, the speed of the steps since the last record, and what
+        every component measured (one host sync each)."""
+        tokens_per_step = self.config.train.batch_size * self.config.model.block_size
+        record = {"step": step, "train_loss": float(self.dist.mean(loss)), **record}
+        if "grad_norm" in record:
+            record["grad_norm"] = float(record["grad_norm"])
+        record["tokens"] = step * tokens_per_step
+        record["tokens_per_s"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
+        record["elapsed_s"] = self._wall_time()
+        for component in self.components.values():
+            record |= component.measure(step)
+        return record
+
+    def _nan_stop(self, step: int, record: dict[str, Any]) -> str | None:
+        """The stop message when the loss or a weight is non-finite (the record and a ``nan_stop`` event
+        are written), else None."""
+        nonfinite = self._nonfinite_layers()
+        if math.isfinite(record["train_loss"]) and not nonfinite:
+            return None
+        what = "loss" if not math.isfinite(record["train_loss"]) else "weights"
+        where = ", ".join(nonfinite) if nonfinite else "none (loss only)"
+        message = f"non-finite {what} at step {step}; non-finite parameters: {where}"
+        self.logger.log(record)
+        self.logger.event(step, "nan_stop", message, layers=nonfinite)
+        return message
 
     def _eval_record(self) -> dict[str, float]:
         """val_loss and val_ppl; with quantized layers also the same weights' full-precision forward loss

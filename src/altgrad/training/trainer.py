@@ -64,6 +64,9 @@ from .run_folder import RunFolder, resume_command
 from .schedule import cosine_with_warmup
 
 EVAL_SEED = 1234  # every run evaluates on the same validation windows
+_EARLIER_LAYOUT = {"tracker": "flips", "rank_monitor": "rank_health", "format_shifts": "format_shift",
+                   "clipper": "partition_clip"}  # fmt: skip
+"""Checkpoint keys of the component states before the component seam, by component name."""
 
 
 def _quant_plan(config: RunConfig) -> QuantPlan:
@@ -276,7 +279,9 @@ class Trainer:
             layer.load_quant_state(layer_state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        saved = state.get("components", {})
+        saved = state.get("components") or {  # a checkpoint of the layout before components
+            name: state[key] for key, name in _EARLIER_LAYOUT.items() if state.get(key) is not None
+        }
         for name, component in self.components.items():
             if name in saved:  # a component added since the checkpoint starts afresh
                 component.load_state_dict(saved[name])

@@ -117,7 +117,8 @@ class Component:
     """The protocol (see the module doc); every method has a do-nothing default."""
 
     name: ClassVar[str] = ""
-    interval: int | None = None  # measures every ``interval`` steps and on the last one; None: never due
+    interval: int | None = None  # due every ``interval`` steps and on the last; None: never due (the host
+    # calls ``measure`` when it logs, as ``TrainingDiagnostics`` does)
 
     @classmethod
     def from_config(cls, config: RunConfig) -> Component | None:
@@ -125,36 +126,46 @@ class Component:
         return cls()
 
     def setup(self, run: TrainingRun) -> None:
+        """Attach to ``run`` before the first step; keeps it as ``self.run`` (call ``super().setup(run)``
+        when overriding)."""
         self.run = run
 
     def due(self, step: int) -> bool:
+        """Whether the component measures on ``step``: every ``interval`` steps and on the run's last."""
         if self.interval is None:
             return False
         max_steps = getattr(getattr(self, "run", None), "max_steps", None)
         return step % self.interval == 0 or step == max_steps
 
     def start_step(self, step: int) -> None:
+        """Before the forward of ``step``."""
         return None
 
     def before_step(self, step: int) -> dict[str, float]:
+        """Gradients ready, before ``optimizer.step()``; may change the gradients (clipping)."""
         return {}
 
     def after_step(self, step: int) -> dict[str, float]:
+        """After ``optimizer.step()``, before ``zero_grad`` (the gradients still exist)."""
         return {}
 
     def measure(self, step: int) -> dict[str, float]:
+        """At a logged step, before the NaN check: read out what the step collected."""
         return {}
 
     def on_log(self, step: int) -> dict[str, float]:
+        """At a logged step with finite loss and weights, after the evaluation: measure the model or act."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs to continue bit for bit (saved in each checkpoint under the name)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
 
     def summary(self) -> dict[str, Any]:
+        """Figures for summary.json at the end of the run."""
         return {}
 
     def close(self) -> None:

@@ -1,5 +1,5 @@
 """Quantization statistics as metric keys, the full-precision-forward control at eval, and the NaN
-trigger of the format-shift controller fed by the trainer's per-layer keys."""
+trigger of the format-shift controller fed by the quant statistics' typed values."""
 
 import json
 import math
@@ -89,7 +89,8 @@ def test_rel_error_keys_on_quant_steps_and_weight_error_matches_ml_dtypes(e4m3_r
     saturated = np.clip(weights / scale, -448.0, 448.0)  # E4M3's max_finite; the layer saturates
     rounded = saturated.astype(ml_dtypes.float8_e4m3fn).astype(np.float64) * scale
     expected = math.sqrt(((rounded - weights) ** 2).sum() / (weights**2).sum())
-    assert fresh._quant_record()[f"quant/rel_error/{layer}/weight"] == pytest.approx(expected, rel=1e-5)
+    record = fresh.components["quant_stats"].measure(step=3)
+    assert record[f"quant/rel_error/{layer}/weight"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_val_loss_fp32_forward_is_logged_beside_val_loss(e4m3_run):
@@ -101,23 +102,25 @@ def test_val_loss_fp32_forward_is_logged_beside_val_loss(e4m3_run):
 
 
 def test_nonfinite_weight_triggers_a_format_shift(tmp_path):
-    """The trainer's per-layer quant/nonfinite_frac/{layer}/weight key reaches the controller: one layer
-    with a NaN weight element shifts to the next format (reason "nan"); the other layers do not."""
+    """The quant statistics' typed non-finite fraction of a layer's weight reaches the format shifter: one
+    layer with a NaN weight element shifts to the next format (reason "nan"); the other layers do not."""
     config = load_config(None, [*TINY, f"out_dir={tmp_path}", "name=shift", "stability.format_shift=true",
-                                "stability.shift_patience=1", "stability.shift_warmup_steps=0"])  # fmt: skip
+                                "stability.shift_patience=1", "stability.shift_warmup_steps=0",
+                                "diagnostics.quant_stats_interval=1"])  # fmt: skip
     trainer = Trainer(config)
     layer = "transformer.h.0.mlp.c_proj"
     with torch.no_grad():
         trainer.layers[layer].weight[0, 0] = float("nan")
-    measure = {"flips": True, "grad_stats": False, "quant": True, "optimizer_stats": False}
-    _, record = trainer._train_step(measure)
-    record.update(trainer._quant_record())
-    record.update(trainer.tracker.pop_step_metrics())
+    events = []
+    trainer.logger.event = lambda step, kind, message, **fields: events.append({"kind": kind, **fields})
+    trainer._train_step(1)
+    record = {}
+    for component in trainer.components.values():
+        record |= component.measure(1)
     assert record[f"quant/nonfinite_frac/{layer}/weight"] == pytest.approx(
         1 / trainer.layers[layer].weight.numel()
     )
-    trainer._apply_format_shifts(record)
-    assert [(e["layer"], e["reason"], e["from"], e["to"]) for e in trainer.shift_events] == [
-        (layer, "nan", "E4M3", "E3M4")
-    ]
+    trainer.components["format_shift"].on_log(1)
+    shifts = [(e["layer"], e["reason"], e["from"], e["to"]) for e in events if e["kind"] == "format_shift"]
+    assert shifts == [(layer, "nan", "E4M3", "E3M4")]
     assert trainer.layers[layer].weight_format.name == "E3M4"

@@ -320,12 +320,12 @@ def test_a_format_that_is_not_8_bits_wide_is_announced(tmp_path, capsys):
 
 def test_overwriting_a_run_also_drops_its_tensorboard_events_and_wandb_id(tmp_path):
     from altgrad.training.loggers import WANDB_ID_FILE
-    from altgrad.training.run_folder import start_fresh
+    from altgrad.training.run_folder import RunFolder
 
     run_dir = tmp_path / "run"
     (run_dir / "tensorboard").mkdir(parents=True)
     (run_dir / "tensorboard" / "events.out.tfevents.1").write_text("old curves")
     (run_dir / WANDB_ID_FILE).write_text("abc123")
     (run_dir / "notes.txt").write_text("the user's own file")
-    start_fresh(run_dir)
+    RunFolder(run_dir).start_fresh()
     assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]

@@ -14,43 +14,16 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
+from altgrad import record
 from altgrad.analysis.runs import Run, lookup, render_value
 
-SUMMARY_FIELDS = (
-    "final_train_loss",
-    "best_train_loss",
-    "final_val_loss",
-    "best_val_loss",
-    "final_val_ppl",
-    "tokens_per_s",
-    "total_flips",
-    "mean_stall_ratio",
-    "min_stable_rank",
-    "min_effective_rank",
-    "first_rank_warning_step",
-    "collapse_step",
-    "collapse_reason",
-)
-"""The figures ``summarize_run`` returns, in table order."""
+SUMMARY_FIELDS = tuple(name for name in record.SUMMARY_FIELDS if name != "format_shifts")
+"""The figures ``summarize_run`` returns, in table order (``altgrad.record.SUMMARY_FIELDS`` defines them)."""
 
 STEP_FIELDS = ("first_rank_warning_step", "collapse_step")
-AGGREGATE_NAMES = ("mean", "min", "max", "total")
-"""Suffixes of aggregate metric keys (``stall_ratio/mean``), as opposed to per-layer keys."""
-
-
-def _last(series: pd.Series) -> float:
-    return float(series.iloc[-1]) if len(series) else math.nan
-
-
-def _min(series: pd.Series) -> float:
-    return float(series.min()) if len(series) else math.nan
-
-
-def _mean(series: pd.Series) -> float:
-    return float(series.mean()) if len(series) else math.nan
+AGGREGATE_NAMES = record.AGGREGATE_NAMES
 
 
 def layer_columns(run: Run, family: str) -> dict[str, str]:
@@ -80,44 +53,16 @@ def aggregate_series(run: Run, family: str, how: str) -> pd.Series:
     return combined.dropna().rename(f"{family}/{how}")
 
 
-def _total_flips(run: Run) -> float:
-    """Sum of per-step flips, only when they were logged at every step (otherwise the sum undercounts)."""
-    flips = run.series("flips/total")
-    steps = flips.index.to_numpy()
-    every_step = len(steps) > 0 and steps[0] == 1 and bool(np.all(np.diff(steps) == 1))
-    return float(flips.sum()) if every_step else math.nan
-
-
-def _first_event_step(run: Run, kind: str) -> int | None:
-    events = run.events_of(kind).dropna(subset=["step"])
-    return int(events["step"].iloc[0]) if len(events) else None
-
-
-def _collapse_reason(run: Run) -> str | None:
-    events = run.events_of("nan_stop")
-    if not len(events):
-        return None
-    message = events["message"].iloc[0]
-    return str(message) if isinstance(message, str) and message else "nan_stop"
-
-
 def derived_figures(run: Run) -> dict[str, Any]:
-    """Every summary figure computed from metrics.jsonl and events.jsonl alone."""
-    return {
-        "final_train_loss": _last(run.series("train_loss")),
-        "best_train_loss": _min(run.series("train_loss")),
-        "final_val_loss": _last(run.series("val_loss")),
-        "best_val_loss": _min(run.series("val_loss")),
-        "final_val_ppl": _last(run.series("val_ppl")),
-        "tokens_per_s": _mean(run.series("tokens_per_s")),
-        "total_flips": _total_flips(run),
-        "mean_stall_ratio": _mean(aggregate_series(run, "stall_ratio", "mean")),
-        "min_stable_rank": _min(aggregate_series(run, "stable_rank", "min")),
-        "min_effective_rank": _min(aggregate_series(run, "effective_rank", "min")),
-        "first_rank_warning_step": _first_event_step(run, "rank_warning"),
-        "collapse_step": _first_event_step(run, "nan_stop"),
-        "collapse_reason": _collapse_reason(run),
-    }
+    """Every summary figure computed from metrics.jsonl and events.jsonl alone (``altgrad.record.summarize``,
+    the trainer's own computation); a figure not measured is NaN, a step or reason None."""
+    metrics = run.metrics.to_dict("records")
+    events = run.events.to_dict("records") if "kind" in run.events.columns else []
+    figures = record.summarize(metrics, events)
+    for name in SUMMARY_FIELDS:
+        if figures[name] is None and name not in (*STEP_FIELDS, "collapse_reason"):
+            figures[name] = math.nan
+    return figures
 
 
 def summarize_run(run: Run) -> dict[str, Any]:

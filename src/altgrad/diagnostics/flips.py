@@ -556,7 +556,9 @@ def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 class FlipTrackerHooks:
     """A tracker on an optimizer's step hooks (see ``attach_flip_tracker``); ``remove()`` detaches it.
 
-    The pre-step hook snapshots codes; the post-step hook counts flips and takes the updated elements
+    The pre-step hook snapshots codes (``codes(parameter)`` when given and not None: codes already
+    computed at the resolved format and scale, e.g. ``QuantizedLinear.take_weight_codes``, so no second
+    encode); the post-step hook counts flips and takes the updated elements
     from the gradient in ``.grad`` *after* the step: the one the step used, also when a closure
     computes it inside ``step`` (LBFGS, Lightning's automatic optimization). This assumes the loop
     calls ``zero_grad`` after ``step``, not between the closure and the end of the step.
@@ -568,8 +570,10 @@ class FlipTrackerHooks:
         optimizer: torch.optim.Optimizer,
         parameters: list[tuple[str, str, nn.Parameter]],
         resolve: Callable[[str, nn.Parameter], FormatAndScale | None],
+        codes: Callable[[nn.Parameter], torch.Tensor | None] | None = None,
     ) -> None:
         self.tracker = tracker
+        self._codes = codes  # the parameter's codes at the resolved format and scale, if already computed
         self.layers = {layer: name for layer, name, _ in parameters}  # layer name -> parameter name
         self._parameters = parameters
         self._resolve = resolve
@@ -590,7 +594,8 @@ class FlipTrackerHooks:
             if spec is None:
                 continue
             fmt, scale = spec
-            self.tracker.snapshot_pre_step(layer, parameter, fmt, scale)
+            codes = self._codes(parameter) if self._codes is not None else None
+            self.tracker.snapshot_pre_step(layer, parameter, fmt, scale, codes=codes)
             self._in_step.append((layer, parameter, fmt, scale))
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

@@ -23,6 +23,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from altgrad.record import aggregate_key, metric_key
+
 from .rank_health import compute_rank_metrics, rank_tracked_parameters
 
 DEAD_GRAD_THRESHOLD = 1e-8
@@ -66,14 +68,14 @@ def compute_gradient_stats(model: nn.Module) -> dict[str, float]:
     values = torch.stack([row.to(device) for row in rows]).tolist()
     stats: dict[str, float] = {}
     for name, (l2, linf, dead) in zip(names, values, strict=True):
-        stats[f"grad_norm_l2/{name}"] = l2
-        stats[f"grad_norm_linf/{name}"] = linf
-        stats[f"dead_neuron_frac/{name}"] = dead
+        stats[metric_key("grad_norm_l2", name)] = l2
+        stats[metric_key("grad_norm_linf", name)] = linf
+        stats[metric_key("dead_neuron_frac", name)] = dead
     l2s, linfs, deads = (list(column) for column in zip(*values, strict=True))
-    stats["grad_norm_l2/mean"] = _mean(l2s)
-    stats["grad_norm_l2/min"] = _min(l2s)
-    stats["grad_norm_linf/max"] = _max(linfs)
-    stats["dead_neuron_frac/mean"] = _mean(deads)
+    stats[aggregate_key("grad_norm_l2", "mean")] = _mean(l2s)
+    stats[aggregate_key("grad_norm_l2", "min")] = _min(l2s)
+    stats[aggregate_key("grad_norm_linf", "max")] = _max(linfs)
+    stats[aggregate_key("dead_neuron_frac", "mean")] = _mean(deads)
     return stats
 
 
@@ -94,9 +96,9 @@ def rank_stats(ranks: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     stats: dict[str, float] = {}
     for name, metrics in ranks.items():
         for metric, value in metrics.items():
-            stats[f"{metric}/{name}"] = value
+            stats[metric_key(metric, name)] = value
     for metric in ("stable_rank", "effective_rank"):
         values = [metrics[metric] for metrics in ranks.values()]
-        stats[f"{metric}/mean"] = _mean(values)
-        stats[f"{metric}/min"] = _min(values)
+        stats[aggregate_key(metric, "mean")] = _mean(values)
+        stats[aggregate_key(metric, "min")] = _min(values)
     return stats

@@ -36,6 +36,7 @@ from torch import nn
 
 from altgrad.quantization.grid import grid_spacing
 from altgrad.quantization.ops import quantize
+from altgrad.record import metric_key
 from altgrad.training.optimizer import QuantInfo
 
 
@@ -83,7 +84,7 @@ def optimizer_statistics(
             stats["bit_position_mean"] = position.mean()
             stats["bit_position_std"] = position.std(correction=0)
         for stat, value in stats.items():
-            keys.append(f"{stat}/{name}")
+            keys.append(metric_key(stat, name))
             values.append(value.float())
     if not values:
         return {}

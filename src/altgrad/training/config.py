@@ -200,6 +200,16 @@ class DiagnosticsConfig(_Section):
     rank_warn_threshold: float = Field(0.3, gt=0, lt=1)
     rank_warmup_checks: int = Field(3, ge=1)
     max_rank_matrix_elements: int = Field(4_000_000, ge=1)
+    callbacks: list[str] = Field(default_factory=list)  # user components, "package.module:ClassName"
+
+    @field_validator("callbacks")
+    @classmethod
+    def _loadable(cls, paths: list[str]) -> list[str]:
+        from altgrad.diagnostics.components import load_component_class  # imports the model stack
+
+        for path in paths:
+            load_component_class(path)
+        return paths
 
 
 class StabilityConfig(_Section):

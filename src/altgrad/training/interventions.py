@@ -1,8 +1,9 @@
 """Stability interventions for quantized training, each off by default.
 
-Two tools working on plain tensors and numbers per layer (no models, no training loop). Nothing here
-acts unless the trainer calls it; the run config turns each on (``stability.relative_grad_clip``,
-``stability.format_shift``), and both are off by default.
+Two tools working on plain tensors and numbers per layer, and the components that put them in a
+training step (``PartitionClip``, ``FormatShifter``; see ``altgrad.diagnostics.components``). The run
+config turns each on (``stability.relative_grad_clip``, ``stability.format_shift``); both are off by
+default.
 
 * **Partition-relative gradient clipping** (``relative_grad_clip``, ``PartitionRelativeClipper``):
   before the optimizer step, each layer's gradient is shrunk so that no element exceeds ``ratio``
@@ -61,11 +62,17 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from altgrad.diagnostics.components import Component, FlipDiagnostic, QuantStatsDiagnostic, register_component
 from altgrad.quantization.formats import FORMATS, FloatFormat, get_format
 from altgrad.quantization.types import ScaleLike
+from altgrad.record import metric_key
+
+if TYPE_CHECKING:
+    from altgrad.training.config import RunConfig
 
 # ---- the E/M ladder ------------------------------------------------------------------------------------
 
@@ -145,7 +152,7 @@ class ClipRecord:
     def to_metrics(self) -> dict[str, float]:
         """``{"clip_factor/{name}": factor}`` (one host sync)."""
         factors = zip(self.names, self.factors.tolist(), strict=True)
-        return {f"clip_factor/{name}": value for name, value in factors}
+        return {metric_key("clip_factor", name): value for name, value in factors}
 
     def to_event(self) -> dict | None:
         """An events.jsonl record naming the clipped layers, or None if nothing was clipped (one sync)."""
@@ -199,7 +206,8 @@ class PartitionRelativeClipper:
             return {}
         device = next(iter(self.clipped_steps.values())).device
         counts = torch.stack([c.to(device) for c in self.clipped_steps.values()]).tolist()
-        return {f"partition_clip_steps/{n}": int(c) for n, c in zip(self.clipped_steps, counts, strict=True)}
+        steps = zip(self.clipped_steps, counts, strict=True)
+        return {metric_key("partition_clip_steps", n): int(c) for n, c in steps}
 
     def state_dict(self) -> dict:
         return {"ratio": self.ratio, "clipped_steps": {n: c.cpu() for n, c in self.clipped_steps.items()}}
@@ -385,3 +393,88 @@ def _read_numbers(values: Mapping[str, float | torch.Tensor]) -> dict[str, float
         stacked = torch.stack([v.detach().reshape(()).float().to(device) for v in tensors.values()])
         out.update(zip(tensors, stacked.tolist(), strict=True))
     return out
+
+
+# ---- the interventions as components of a training step ------------------------------------------
+
+
+@register_component
+class FormatShifter(Component):
+    """``FormatShiftController`` at each logged step with a flip measurement: it reads the stall ratios
+    of the ``flips`` component and, when the step's quantization statistics were measured, the weights'
+    non-finite fractions of the ``quant_stats`` component (typed values, not parsed keys); it applies
+    each shift to the layer and records ``format_shift`` events."""
+
+    name = "format_shift"
+
+    def __init__(self, patience: int = 20, stall_threshold: float = 0.98, warmup_steps: int = 50) -> None:
+        self.controller = FormatShiftController(patience, stall_threshold, warmup_steps)
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> FormatShifter | None:
+        s = config.stability
+        if not s.format_shift:
+            return None
+        return cls(s.shift_patience, s.shift_stall_threshold, s.shift_warmup_steps)
+
+    def on_log(self, step: int) -> dict[str, float]:
+        flips = self.run.components.get(FlipDiagnostic.name)
+        if not isinstance(flips, FlipDiagnostic) or not flips.due(step):
+            return {}
+        quant = self.run.components.get(QuantStatsDiagnostic.name)
+        nonfinite = quant.last.nonfinite_fracs("weight") if isinstance(quant, QuantStatsDiagnostic) else {}
+        tracked = self.run.tracked()
+        stall = {name: c["stall_ratio"] for name, c in flips.last_counts.items() if name in tracked}
+        formats = {name: layer.weight_format for name, layer in tracked.items()}
+        for shift in self.controller.update(step, stall_ratios=stall, nan_counts=nonfinite, formats=formats):
+            tracked[shift.layer].set_format("weight", shift.to_format)
+            self.run.event(**shift.to_event())
+        for notice in self.controller.pop_notices():
+            self.run.event(**notice.to_event())
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.controller.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.controller.load_state_dict(state)
+
+
+@register_component
+class PartitionClip(Component):
+    """``PartitionRelativeClipper`` on the quantized weights' gradients before every optimizer step; the
+    last step's ``partition_clip`` event at each logged step; clip counts in the run summary."""
+
+    name = "partition_clip"
+
+    def __init__(self, ratio: float) -> None:
+        self.clipper = PartitionRelativeClipper(ratio)
+        self.last_clip: ClipRecord | None = None
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> PartitionClip | None:
+        ratio = config.stability.relative_grad_clip
+        return cls(ratio) if ratio is not None else None
+
+    def before_step(self, step: int) -> dict[str, float]:
+        grads = {
+            name: (layer.weight.grad, layer.weight_format, layer.weight_scale())
+            for name, layer in self.run.tracked().items()
+            if layer.weight.grad is not None
+        }
+        self.last_clip = self.clipper.clip_(grads, step=step)
+        return {}
+
+    def on_log(self, step: int) -> dict[str, float]:
+        if self.last_clip is not None and (event := self.last_clip.to_event()) is not None:
+            self.run.event(**event)
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.clipper.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.clipper.load_state_dict(state)
+
+    def summary(self) -> dict[str, Any]:
+        return {"partition_clip_steps": self.clipper.summary()}

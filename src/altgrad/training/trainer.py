@@ -1,21 +1,29 @@
-"""The training loop: a quantized GPT step by step, with the discrete-dynamics diagnostics.
+"""The training loop: a quantized GPT step by step, every measurement a component.
 
-One step, in the order of DESIGN.md:
+One step (``Trainer._train_step``), in the order of docs/architecture.md:
 
-1. forward through the QuantizedLinears (weight and input fake-quantized; autograd saves the
-   quantized weight), loss;
-2. backward (each layer's output gradient fake-quantized in the grad format);
-3. gradient statistics (every ``grad_stats_interval``), clipping;
-4. ``WeightFlipTracker.snapshot_pre_step`` for each quantized weight (the codes the forward computed,
-   and a float copy for the predicted stall, held only through the step);
-5. ``optimizer.step()``;
-6. flips, updates, measured and predicted stall, update ulps per layer (codes at the pre-step scale);
-   optimizer statistics while the gradients exist;
-7. every ``rank_interval``: rank health, trend warnings recorded as events;
-8. metrics to the sinks, with one host sync per logged step.
+1. the learning rate of this step (cosine with warmup);
+2. ``start_step`` of every component (the quantizers' statistics are armed on their due steps);
+3. forward through the QuantizedLinears (weight and input fake-quantized), loss, backward (each
+   layer's output gradient fake-quantized in the grad format);
+4. ``before_step`` of every component: gradient statistics, partition-relative clipping; then the
+   global gradient-norm clip;
+5. ``optimizer.step()``; the flip tracker's optimizer hooks snapshot the codes before it (those the
+   forward computed, no second encode) and count
+   flips, updates and stall after it (``FlipDiagnostic``, the path a user's loop gets too);
+6. ``after_step`` of every component (optimizer statistics, while the gradients exist); ``zero_grad``.
+
+A step on which any component is due (or the log or eval interval) is logged: ``measure`` of every
+component reads what the step collected (one host sync each), the NaN check, the evaluation, then
+``on_log`` (rank health, format shifts, events); the record goes to every sink. Checkpoints hold each
+component's ``state_dict`` under its name. The components are ``altgrad.diagnostics.components``'
+registry plus the user's ``diagnostics.callbacks``.
 
 A non-finite loss or weight stops the run: a ``nan_stop`` event naming the step and the layers, a
 final checkpoint, ``status: nan_stop`` in the summary (the CLI exits non-zero).
+
+Building a ``Trainer`` reads its data, builds the model and restores a checkpoint, but writes no file
+and leaves the global RNGs as they were; ``run()`` starts the run folder and trains.
 
 Example::
 
@@ -28,41 +36,38 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from altgrad.diagnostics.flips import WeightFlipTracker
-from altgrad.diagnostics.model_stats import compute_gradient_stats, rank_stats
-from altgrad.diagnostics.optimizer_stats import optimizer_statistics
-from altgrad.diagnostics.quant_stats import quant_stats_record
-from altgrad.diagnostics.rank_health import RankHealthMonitor
+from altgrad.diagnostics.components import Component, TrainingRun, build_components
 from altgrad.integration import QuantizedLinear, quantize_model, quantized_layers
 from altgrad.integration.quantized_linear import full_precision_forward
-from altgrad.jsonio import dumps_strict, write_json_atomic, write_text_atomic
+from altgrad.record import summarize
 from altgrad.utils import seed_everything
 from altgrad.versions import run_versions
 
-from .checkpoint import load_latest_valid, rng_state, save_checkpoint, set_rng_state
+from . import interventions  # noqa: F401  (registers the partition clip and format shift components)
+from .checkpoint import rng_state, set_rng_state
 from .compile import maybe_compile
-from .config import RunConfig, apply_overrides, config_from_dict, read_yaml, save_config
+from .config import RunConfig, apply_overrides, config_from_dict, read_yaml
 from .data import BatchSampler, load_data
 from .distributed import DistributedRun, SilentLogger, rank_seed, set_amax_reduction
 from .interrupt import StopOnSignal
-from .interventions import FormatShiftController, PartitionRelativeClipper
 from .loggers import MetricsLogger, StepProgress
 from .models import build_model
 from .optimizer import optimizer_from_config
-from .run_folder import refuse_existing_run, resume_command, start_fresh
+from .run_folder import RunFolder, resume_command
 from .schedule import cosine_with_warmup
 
 EVAL_SEED = 1234  # every run evaluates on the same validation windows
+_EARLIER_LAYOUT = {"tracker": "flips", "rank_monitor": "rank_health", "format_shifts": "format_shift",
+                   "clipper": "partition_clip"}  # fmt: skip
+"""Checkpoint keys of the component states before the component seam, by component name."""
 
 
 def format_width_warnings(config: RunConfig) -> list[str]:
@@ -80,15 +85,19 @@ class Trainer:
     """Builds everything a run needs from its config; ``run()`` trains and returns the summary.
 
     A fresh run under a name that already holds a run is refused (RunExistsError) unless
-    ``overwrite``; the run folder is made only once the data and the model are built."""
+    ``overwrite``. Construction has no side effects on disk or on the global RNGs (see the module doc).
+    """
 
     def __init__(self, config: RunConfig, resume: bool = False, overwrite: bool = False) -> None:
         self.config = config
         self.run_dir = config.run_dir
+        self.folder = RunFolder(self.run_dir)
+        self.resumed = resume
         self.dist = DistributedRun.from_env(config.train.device)  # torchrun: rank, world size, device
         if not resume and self.dist.is_main:
-            refuse_existing_run(self.run_dir, overwrite)
+            self.folder.refuse_existing(overwrite)
         self.device = self.dist.device
+        caller_rng = rng_state()
         seed_everything(config.seed)  # the same init on every rank
 
         self.data = load_data(**config.data.model_dump())
@@ -111,53 +120,49 @@ class Trainer:
         self.tracked = {name: layer for name, layer in self.layers.items() if layer.weight_format is not None}
         self.layer_of_param = {id(layer.weight): layer for layer in self.tracked.values()}
         self.optimizer = self._build_optimizer()
-        self.tracker = WeightFlipTracker(predict_stall=True)
-        for layer in self.tracked.values():  # the forward hands its weight codes to the tracker
-            layer.keep_weight_codes = config.diagnostics.flips
-        self.rank_monitor = RankHealthMonitor(
-            log_interval=config.diagnostics.rank_interval,
-            warn_threshold=config.diagnostics.rank_warn_threshold,
-            warmup_checks=config.diagnostics.rank_warmup_checks,
-            max_matrix_elements=config.diagnostics.max_rank_matrix_elements,
+        self.components: dict[str, Component] = build_components(config)
+        run = TrainingRun(
+            self.model,
+            self.optimizer,
+            config,
+            max_steps=config.train.max_steps,
+            event=lambda *args, **fields: self.logger.event(*args, **fields),
+            is_main=self.dist.is_main,
+            sum_across_ranks=self.dist.sum_ if self.dist.active else None,
+            components=self.components,
         )
-        stability = config.stability
-        self.format_shifts = (
-            FormatShiftController(
-                patience=stability.shift_patience,
-                stall_threshold=stability.shift_stall_threshold,
-                warmup_steps=stability.shift_warmup_steps,
-                formats={name: layer.weight_format for name, layer in self.tracked.items()},
-            )
-            if stability.format_shift
-            else None
-        )
-        ratio = stability.relative_grad_clip
-        self.clipper = PartitionRelativeClipper(ratio) if ratio is not None else None
-        self.last_clip = None
+        for component in self.components.values():
+            component.setup(run)
         self.step = 0
-        self.best_val_loss = math.inf
-        self.first_rank_warning_step: int | None = None
-        self.shift_events: list[dict[str, Any]] = []
         self.precision_used = "fp32"
         self.wall_time_before = 0.0  # seconds spent on the steps before this session (a resume)
         self.session_started = time.perf_counter()
+        self.start_rng = rng_state()  # what training draws from: the seeded RNGs after the model's init
         if resume:
             self._restore()
-        elif self.dist.is_main:  # made only now, so a data or config error leaves no empty folder behind
-            start_fresh(self.run_dir)
+        set_rng_state(caller_rng)
         set_amax_reduction(self.model, self.dist.amax_group)
         self.step_model = maybe_compile(self.dist.wrap(self.model), config)  # DDP under torchrun
         self.logger: MetricsLogger | SilentLogger = SilentLogger()  # rank 0 alone writes the run folder
+
+    def _open_run_folder(self) -> None:
+        """A fresh run's folder (an overwritten run's files removed), or a resumed one cut back to its
+        checkpoint; config.yaml and the sinks (rank 0 only); the RNGs training starts from."""
+        set_rng_state(self.start_rng)
         if not self.dist.is_main:
             return
-        save_config(config, self.run_dir / "config.yaml")
+        if self.resumed:
+            self.folder.truncate_after(self.step)  # drop what was logged after the checkpoint
+        else:  # made only now, so a data or config error leaves no empty folder behind
+            self.folder.start_fresh()
+        self.folder.write_config(self.config)
         self.logger = MetricsLogger.for_run(
             self.run_dir,
-            wandb=config.logging.wandb,
-            tensorboard=config.logging.tensorboard,
-            project=config.logging.wandb_project,
-            config=config.to_dict(),
-            resume_step=self.step if resume else None,  # W&B resumes its run, TensorBoard purges replays
+            wandb=self.config.logging.wandb,
+            tensorboard=self.config.logging.tensorboard,
+            project=self.config.logging.wandb_project,
+            config=self.config.to_dict(),
+            resume_step=self.step if self.resumed else None,  # W&B resumes, TensorBoard purges replays
         )
 
     # ---- construction ------------------------------------------------------------------------------------
@@ -201,23 +206,17 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "quantizers": {name: layer.quant_state() for name, layer in self.layers.items()},
-            "tracker": self.tracker.state_dict(),
-            "rank_monitor": self.rank_monitor.state_dict(),
-            "format_shifts": self.format_shifts.state_dict() if self.format_shifts else None,
-            "clipper": self.clipper.state_dict() if self.clipper else None,
+            "components": {name: component.state_dict() for name, component in self.components.items()},
             "sampler": self.sampler.state_dict(),
             "world_size": self.dist.world_size,
             "sampler_by_rank": self.dist.gather(self.sampler.state_dict()) if self.dist.active else None,
             "rng": rng_state(),
             "tokenizer": self.data.tokenizer.state(),
-            "best_val_loss": self.best_val_loss,
-            "first_rank_warning_step": self.first_rank_warning_step,
-            "shift_events": self.shift_events,
             "wall_time_s": self._wall_time(),
         }
 
     def _restore(self) -> None:
-        _, state, skipped = load_latest_valid(self.run_dir / "checkpoints")
+        state, skipped = self.folder.load_latest_checkpoint()
         self.startup_warnings += skipped
         if state.get("world_size", 1) != self.dist.world_size:
             raise ValueError(
@@ -242,23 +241,17 @@ class Trainer:
             layer.load_quant_state(layer_state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.tracker.load_state_dict(state["tracker"])
-        self.rank_monitor.load_state_dict(state["rank_monitor"])
-        if self.format_shifts and state["format_shifts"]:
-            self.format_shifts.load_state_dict(state["format_shifts"])
-        if self.clipper and state["clipper"]:
-            self.clipper.load_state_dict(state["clipper"])
+        saved = state.get("components") or {  # a checkpoint of the layout before components
+            name: state[key] for key, name in _EARLIER_LAYOUT.items() if state.get(key) is not None
+        }
+        for name, component in self.components.items():
+            if name in saved:  # a component added since the checkpoint starts afresh
+                component.load_state_dict(saved[name])
         by_rank = state.get("sampler_by_rank")  # a data-parallel run: each rank's own stream
         self.sampler.load_state_dict(by_rank[self.dist.rank] if by_rank else state["sampler"])
-        set_rng_state(state["rng"])
+        self.start_rng = state["rng"]
         self.step = state["step"]
-        self.best_val_loss = state["best_val_loss"]
-        self.first_rank_warning_step = state["first_rank_warning_step"]
-        self.shift_events = state["shift_events"]
         self.wall_time_before = state.get("wall_time_s", 0.0)
-        for name in ("metrics.jsonl", "events.jsonl"):  # drop what was logged after the checkpoint
-            if self.dist.is_main:
-                _truncate_jsonl_after(self.run_dir / name, self.step)
 
     def _save_if_due(self) -> None:
         """Checkpoint every ``checkpoint.interval`` steps (the final one is written when the run ends)."""
@@ -268,7 +261,7 @@ class Trainer:
     def save(self) -> None:
         state = self.state_dict()  # on every rank: it gathers each rank's sampler state
         if self.dist.is_main:
-            save_checkpoint(self.run_dir / "checkpoints", self.step, state, self.config.checkpoint.keep)
+            self.folder.save_checkpoint(self.step, state, self.config.checkpoint.keep)
 
     # ---- one step ------------------------------------------------------------------------------------------
 
@@ -277,25 +270,22 @@ class Trainer:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _train_step(self, measure: dict[str, bool]) -> tuple[torch.Tensor, dict[str, Any]]:
-        config, record = self.config, {}
-        # the schedule's shape comes from train.lr/min_lr; each group's height is its initial_lr
-        factor = (
-            cosine_with_warmup(
-                self.step + 1,
-                config.train.lr,
-                config.train.min_lr,
-                config.train.warmup_steps,
-                config.train.max_steps,
-            )
-            / config.train.lr
-        )
+    def _set_lr(self, step: int) -> float:
+        """The schedule's shape comes from train.lr/min_lr; each group's height is its initial_lr."""
+        train = self.config.train
+        peak = cosine_with_warmup(step, train.lr, train.min_lr, train.warmup_steps, train.max_steps)
+        factor = peak / train.lr
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
-        lr = config.optimizer_lr * factor
-        record["lr"] = lr
-        for layer in self.layers.values():
-            layer.collect_stats = measure["quant"]
+        return self.config.optimizer_lr * factor
+
+    def _train_step(self, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """One optimizer step (the module doc's 1-6); the loss and the step's metric keys (no host sync
+        of their own beyond the due components')."""
+        components = self.components.values()
+        record: dict[str, Any] = {"lr": self._set_lr(step)}
+        for component in components:
+            component.start_step(step)
 
         self.model.train()
         x, y = self.sampler.get_batch("train")
@@ -305,38 +295,26 @@ class Trainer:
             self.precision_used = "bf16-autocast"
         loss.backward()
 
-        if measure["grad_stats"]:
-            record.update(compute_gradient_stats(self.model))
-        if self.clipper is not None:
-            grads = {
-                name: (layer.weight.grad, layer.weight_format, layer.weight_scale())
-                for name, layer in self.tracked.items()
-                if layer.weight.grad is not None
-            }
-            self.last_clip = self.clipper.clip_(grads, step=self.step + 1)
-        if config.train.grad_clip > 0:
-            record["grad_norm"] = torch.nn.utils.clip_grad_norm_(
-                self.model.parameters(), config.train.grad_clip
-            )
-
-        if measure["flips"]:
-            for name, layer in self.tracked.items():
-                codes = layer.take_weight_codes()  # the forward's: no second encode
-                self.tracker.snapshot_pre_step(
-                    name, layer.weight, layer.weight_format, layer.weight_scale(), codes=codes
-                )
+        for component in components:  # gradient statistics see the gradients before any clipping
+            record |= component.before_step(step)
+        if (max_norm := self.config.train.grad_clip) > 0:
+            record["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
-        if measure["flips"]:
-            for name, layer in self.tracked.items():
-                self.tracker.record_post_step(
-                    name, layer.weight, layer.weight_format, layer.weight_scale(), grad=layer.weight.grad
-                )
-        if measure["optimizer_stats"]:  # before zero_grad: grad_stiffness_corr needs the gradients
-            weights = {name: layer.weight for name, layer in self.tracked.items()}
-            record.update(optimizer_statistics(self.optimizer, self.quant_info, weights))
+        for component in components:  # before zero_grad: optimizer statistics read the gradients
+            record |= component.after_step(step)
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        self.step = step
         return loss.detach(), record
+
+    def _logged(self, step: int) -> bool:
+        """A step is logged when a component is due on it, or the log or eval interval (always the last)."""
+        intervals = (self.config.train.log_interval, self.config.train.eval_interval)
+        due = any(self._due(interval, step) for interval in intervals)
+        return due or any(component.due(step) for component in self.components.values())
+
+    def _due(self, interval: int, step: int) -> bool:
+        """Whether a periodic action falls on ``step`` (always on the last step)."""
+        return step % interval == 0 or step == self.config.train.max_steps
 
     @torch.no_grad()
     def evaluate(self, full_precision: bool = False) -> float:
@@ -357,59 +335,16 @@ class Trainer:
             losses.append(loss.float())
         return float(torch.stack(losses).mean())
 
-    # ---- reading the diagnostics (one host sync each) ---------------------------------------------------
-
-    def _quant_record(self) -> dict[str, float]:
-        stats = {name: layer.read_stats() for name, layer in self.layers.items()}
-        if self.dist.active and stats:  # sums over ranks: fractions weighted by each rank's counts
-            summed = self.dist.sum_(torch.stack(list(stats.values())))
-            stats = dict(zip(stats, summed, strict=True))
-        return quant_stats_record(stats)
-
-    def _rank_record(self) -> dict[str, float]:
-        ranks = self.rank_monitor.compute_layer_ranks(self.model)
-        record = rank_stats(ranks)
-        self.rank_monitor.check_warnings(ranks)
-        for warning in self.rank_monitor.last_warnings:
-            if self.first_rank_warning_step is None:
-                self.first_rank_warning_step = self.step
-            self.logger.event(
-                self.step,
-                "rank_warning",
-                warning["message"],
-                layer=warning["layer"],
-                metric=warning["metric"],
-            )
-        return record
-
     def _nonfinite_layers(self) -> list[str]:
         names = [name for name, p in self.model.named_parameters()]
         finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).tolist()
         return [name for name, ok in zip(names, finite, strict=True) if not ok]
 
-    def _apply_format_shifts(self, record: dict[str, float]) -> None:
-        stall = {
-            name: record[f"stall_ratio/{name}"] for name in self.tracked if f"stall_ratio/{name}" in record
-        }
-        nonfinite = {name: record.get(f"quant/nonfinite_frac/{name}/weight", 0.0) for name in self.tracked}
-        formats = {name: layer.weight_format for name, layer in self.tracked.items()}
-        shifts = self.format_shifts.update(
-            self.step, stall_ratios=stall, nan_counts=nonfinite, formats=formats
-        )
-        for shift in shifts:
-            self.tracked[shift.layer].set_format("weight", shift.to_format)
-            self.shift_events.append(self.logger.event(**shift.to_event()))
-        for notice in self.format_shifts.pop_notices():
-            self.logger.event(**notice.to_event())
-
-    def _due(self, interval: int, step: int) -> bool:
-        """Whether a periodic measurement falls on ``step`` (always on the last step)."""
-        return step % interval == 0 or step == self.config.train.max_steps
-
     # ---- the loop ------------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
         config = self.config
+        self._open_run_folder()
         start_step = self.step
         self.logger.event(
             self.step,
@@ -419,7 +354,6 @@ class Trainer:
         for warning in self.startup_warnings if self.dist.is_main else ():  # once, not once per rank
             print(f"altgrad: warning: {warning}", file=sys.stderr)
             self.logger.event(self.step, "alert", warning)
-        tokens_per_step = config.train.batch_size * config.model.block_size
         progress = StepProgress(  # a bar on a terminal, plain lines in a log file
             config.name,
             config.train.max_steps,
@@ -430,7 +364,6 @@ class Trainer:
         status, stop_message = "completed", None
         self.session_started = time.perf_counter()
         window_start, window_steps = time.perf_counter(), 0
-        diagnostics = config.diagnostics
         stop = StopOnSignal().install()  # SIGINT/SIGTERM: finish the step, then stop below
         at_boundary = True  # False once an exception cut a step short: its state is half-done
         try:
@@ -440,63 +373,21 @@ class Trainer:
                     stop_message = f"stopped by {stop.name}; resume with: {resume_command(self.run_dir)}"
                     break
                 step = self.step + 1
-                measure = {
-                    "flips": diagnostics.flips
-                    and bool(self.tracked)
-                    and self._due(diagnostics.flip_interval, step),
-                    "grad_stats": self._due(diagnostics.grad_stats_interval, step),
-                    "quant": self._due(diagnostics.quant_stats_interval, step),
-                    "optimizer_stats": bool(self.tracked)
-                    and self._due(diagnostics.optimizer_stats_interval, step),
-                }
-                loss, record = self._train_step(measure)
+                loss, record = self._train_step(step)
                 window_steps += 1
-                periodic = (
-                    config.train.log_interval,
-                    config.train.eval_interval,
-                    diagnostics.rank_interval,
-                    diagnostics.optimizer_stats_interval,
-                )
-                # a step is logged when anything is measured on it; the NaN check runs on logged steps
-                if not (any(measure.values()) or any(self._due(interval, step) for interval in periodic)):
-                    self._save_if_due()
-                    continue
-                elapsed = time.perf_counter() - window_start
-                record = {"step": step, "train_loss": float(self.dist.mean(loss)), **record}
-                if "grad_norm" in record:
-                    record["grad_norm"] = float(record["grad_norm"])
-                record["tokens"] = step * tokens_per_step
-                record["tokens_per_s"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
-                record["elapsed_s"] = self._wall_time()
-                window_start, window_steps = time.perf_counter(), 0
-                if measure["flips"]:
-                    record.update(self.tracker.pop_step_metrics())
-                if measure["quant"]:
-                    record.update(self._quant_record())
-                nonfinite = self._nonfinite_layers()
-                if not math.isfinite(record["train_loss"]) or nonfinite:
-                    what = "loss" if not math.isfinite(record["train_loss"]) else "weights"
-                    where = ", ".join(nonfinite) if nonfinite else "none (loss only)"
-                    stop_message = f"non-finite {what} at step {step}; non-finite parameters: {where}"
+                if self._logged(step):
+                    elapsed, window_start = time.perf_counter() - window_start, time.perf_counter()
+                    record = self._measure(step, loss, record, window_steps, elapsed)
+                    window_steps = 0
+                    if (stop_message := self._nan_stop(step, record)) is not None:
+                        status = "nan_stop"
+                        break
+                    if self._due(config.train.eval_interval, step) and self.dist.is_main:
+                        record |= self._eval_record()
+                    for component in self.components.values():  # rank health, format shifts, events
+                        record |= component.on_log(step)
                     self.logger.log(record)
-                    self.logger.event(step, "nan_stop", stop_message, layers=nonfinite)
-                    status = "nan_stop"
-                    break
-                if self._due(config.train.eval_interval, step) and self.dist.is_main:
-                    last_val_loss = self.evaluate()
-                    record["val_loss"] = last_val_loss
-                    record["val_ppl"] = math.exp(min(last_val_loss, 700.0))
-                    self.best_val_loss = min(self.best_val_loss, last_val_loss)
-                    if self.layers:  # the same weights, forward unquantized: val_loss minus it = forward cost
-                        record["val_loss_fp32_forward"] = self.evaluate(full_precision=True)
-                if self._due(diagnostics.rank_interval, step) and self.dist.is_main:
-                    record.update(self._rank_record())
-                if self.format_shifts is not None and measure["flips"]:
-                    self._apply_format_shifts(record)
-                if self.last_clip is not None and (clip_event := self.last_clip.to_event()) is not None:
-                    self.logger.event(**clip_event)
-                self.logger.log(record)
-                progress.show(step, record)
+                    progress.show(step, record)
                 self._save_if_due()
         except BaseException as error:
             # an exception may cut a step in half (amax histories, RNG, optimizer partly updated):
@@ -523,75 +414,81 @@ class Trainer:
                 f"{status} at step {self.step}" + (f": {stop_message}" if stop_message else ""),
             )
             self.logger.close()
+            for component in self.components.values():
+                component.close()
             if self.dist.is_main:
-                write_json_atomic(self.run_dir / "summary.json", summary)
+                self.folder.write_summary(summary)
             self.dist.close()
         return summary
 
+    def _measure(
+        self, step: int, loss: torch.Tensor, record: dict[str, Any], window_steps: int, elapsed: float
+    ) -> dict[str, Any]:
+        """The logged step's record: its loss, the speed of the steps since the last record, and what
+        every component measured (one host sync each)."""
+        tokens_per_step = self.config.train.batch_size * self.config.model.block_size
+        record = {"step": step, "train_loss": float(self.dist.mean(loss)), **record}
+        if "grad_norm" in record:
+            record["grad_norm"] = float(record["grad_norm"])
+        record["tokens"] = step * tokens_per_step
+        record["tokens_per_s"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
+        record["elapsed_s"] = self._wall_time()
+        for component in self.components.values():
+            record |= component.measure(step)
+        return record
+
+    def _nan_stop(self, step: int, record: dict[str, Any]) -> str | None:
+        """The stop message when the loss or a weight is non-finite (the record and a ``nan_stop`` event
+        are written), else None."""
+        nonfinite = self._nonfinite_layers()
+        if math.isfinite(record["train_loss"]) and not nonfinite:
+            return None
+        what = "loss" if not math.isfinite(record["train_loss"]) else "weights"
+        where = ", ".join(nonfinite) if nonfinite else "none (loss only)"
+        message = f"non-finite {what} at step {step}; non-finite parameters: {where}"
+        self.logger.log(record)
+        self.logger.event(step, "nan_stop", message, layers=nonfinite)
+        return message
+
+    def _eval_record(self) -> dict[str, float]:
+        """val_loss and val_ppl; with quantized layers also the same weights' full-precision forward loss
+        (val_loss minus it = the forward's precision cost)."""
+        val_loss = self.evaluate()
+        record = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0))}
+        if self.layers:
+            record["val_loss_fp32_forward"] = self.evaluate(full_precision=True)
+        return record
+
     def _summary(self, status: str, wall_time: float) -> dict[str, Any]:
-        """Final figures; losses are the last ones in metrics.jsonl, so a resume keeps earlier ones."""
-        flips = self.tracker.get_flip_counts()
-        stalls = self.tracker.get_stall_ratios()
-        metrics = _read_jsonl(self.run_dir / "metrics.jsonl")
-
-        def measured(key: str) -> list[float]:
-            return [r[key] for r in metrics if r.get(key) is not None]
-
-        stable, effective = measured("stable_rank/min"), measured("effective_rank/min")
-        speeds = measured("tokens_per_s")
-        train_losses = [r.get("train_loss") for r in metrics if "train_loss" in r]
-        val_loss = (measured("val_loss") or [None])[-1]
-        nan_stop = status == "nan_stop"
-        return {
+        """The run's figures (``altgrad.record.summarize`` over metrics.jsonl and events.jsonl, as the
+        analysis computes them) with what only the trainer knows, and each component's summary."""
+        quant = self.config.quant
+        summary = {
             "name": self.config.name,
             "status": status,
             "steps": self.step,
             "precision": self.precision_used,
             "quant": (
                 {
-                    "weight": self.config.quant.weight,
-                    "activation": self.config.quant.activation,
-                    "grad": self.config.quant.grad,
-                    "scaling": self.config.quant.scaling,
-                    "rules": len(self.config.quant.rules),
+                    "weight": quant.weight,
+                    "activation": quant.activation,
+                    "grad": quant.grad,
+                    "scaling": quant.scaling,
+                    "rules": len(quant.rules),
                 }
-                if self.config.quant.enabled
+                if quant.enabled
                 else None
             ),
             "optimizer": self.config.optimizer.name,
-            "final_train_loss": train_losses[-1] if train_losses else None,
-            "final_val_loss": val_loss,
-            "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
-            "final_val_ppl": math.exp(min(val_loss, 700.0)) if val_loss is not None else None,
-            "tokens_per_s": float(np.median(speeds)) if speeds else None,
-            "total_flips": int(sum(flips.values())) if flips else None,
-            "mean_stall_ratio": float(np.mean(list(stalls.values()))) if stalls else None,
-            "min_stable_rank": float(min(stable)) if stable else None,
-            "min_effective_rank": float(min(effective)) if effective else None,
-            "first_rank_warning_step": self.first_rank_warning_step,
-            "collapse_step": self.step if nan_stop else None,
-            "collapse_reason": "non-finite loss or weights" if nan_stop else None,
-            "format_shifts": self.shift_events,
-            "partition_clip_steps": self.clipper.summary() if self.clipper else None,
+            **summarize(self.folder.read_metrics(), self.folder.read_events()),
+            "partition_clip_steps": None,
             "wall_time_s": wall_time,
             "world_size": self.dist.world_size,
             "versions": run_versions(),
         }
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                records.append(json.loads(line))
-    return records
-
-
-def _truncate_jsonl_after(path: Path, step: int) -> None:
-    """Keep only the records up to ``step`` (a resume replays the rest)."""
-    kept = [r for r in _read_jsonl(path) if r.get("step", 0) <= step]
-    write_text_atomic(path, "".join(dumps_strict(r) + "\n" for r in kept))
+        for component in self.components.values():
+            summary |= component.summary()
+        return summary
 
 
 def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
@@ -618,9 +515,8 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Ru
 def finished_summary(config: RunConfig) -> dict[str, Any] | None:
     """The stored summary when the run has nothing left to do: completed at or past
     ``train.max_steps``, or stopped on a non-finite value (training on from NaN weights means nothing)."""
-    try:
-        summary = json.loads((config.run_dir / "summary.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    summary = RunFolder(config.run_dir).read_summary()
+    if summary is None:
         return None
     done = summary.get("status") == "completed" and summary.get("steps", 0) >= config.train.max_steps
     return summary if done or summary.get("status") == "nan_stop" else None

@@ -61,6 +61,7 @@ from altgrad.quantization.codes import native_encode
 from altgrad.quantization.formats import FloatFormat, get_format
 from altgrad.quantization.grid import crossing_probability, grid_position
 from altgrad.quantization.types import FormatLike, ScaleLike
+from altgrad.record import aggregate_key, metric_key
 
 UPDATE_THRESHOLD = 1e-10
 """An element counts as an attempted update when |grad| exceeds this."""
@@ -106,6 +107,11 @@ def compute_stall_ratio(flips: int, updates: int) -> float:
     if updates <= 0:
         return 0.0
     return min(1.0, max(0.0, 1.0 - flips / updates))
+
+
+def _mean(values: list[float]) -> float:
+    """The mean of ``values``; 0.0 for none (no layer had updates)."""
+    return sum(values) / len(values) if values else 0.0
 
 
 class MissingSnapshotError(KeyError, ValueError):
@@ -411,29 +417,24 @@ class WeightFlipTracker:
         metrics: dict[str, float] = {}
         stall_ratios, flip_rates, update_ulps, predicted = [], [], [], []
         for name, c in counts.items():
-            metrics[f"flips/{name}"] = c["flips"]
-            metrics[f"updates/{name}"] = c["updates"]
-            metrics[f"drift_flips/{name}"] = c["drift_flips"]
-            metrics[f"stall_ratio/{name}"] = c["stall_ratio"]
-            metrics[f"flip_rate/{name}"] = c["flip_rate"]
-            metrics[f"update_ulps/{name}"] = c["update_ulps"]
+            for family in ("flips", "updates", "drift_flips", "stall_ratio", "flip_rate", "update_ulps"):
+                metrics[metric_key(family, name)] = c[family]
             if "predicted_stall_ratio" in c:
-                metrics[f"predicted_stall_ratio/{name}"] = c["predicted_stall_ratio"]
+                metrics[metric_key("predicted_stall_ratio", name)] = c["predicted_stall_ratio"]
                 if c.get("predicted_updates", c["updates"]) > 0:
                     predicted.append(c["predicted_stall_ratio"])
             if c["updates"] > 0:
-                stall_ratios.append(metrics[f"stall_ratio/{name}"])
+                stall_ratios.append(c["stall_ratio"])
             if c["element_steps"] > 0:
-                flip_rates.append(metrics[f"flip_rate/{name}"])
-                update_ulps.append(metrics[f"update_ulps/{name}"])
-        metrics["flips/total"] = sum(c["flips"] for c in counts.values())
-        metrics["updates/total"] = sum(c["updates"] for c in counts.values())
-        metrics["drift_flips/total"] = sum(c["drift_flips"] for c in counts.values())
-        metrics["stall_ratio/mean"] = sum(stall_ratios) / len(stall_ratios) if stall_ratios else 0.0
-        metrics["flip_rate/mean"] = sum(flip_rates) / len(flip_rates) if flip_rates else 0.0
-        metrics["update_ulps/mean"] = sum(update_ulps) / len(update_ulps) if update_ulps else 0.0
+                flip_rates.append(c["flip_rate"])
+                update_ulps.append(c["update_ulps"])
+        for family in ("flips", "updates", "drift_flips"):
+            metrics[aggregate_key(family, "total")] = sum(c[family] for c in counts.values())
+        metrics[aggregate_key("stall_ratio", "mean")] = _mean(stall_ratios)
+        metrics[aggregate_key("flip_rate", "mean")] = _mean(flip_rates)
+        metrics[aggregate_key("update_ulps", "mean")] = _mean(update_ulps)
         if any("predicted_stall_ratio" in c for c in counts.values()):  # over layers with predicted updates
-            metrics["predicted_stall_ratio/mean"] = sum(predicted) / len(predicted) if predicted else 0.0
+            metrics[aggregate_key("predicted_stall_ratio", "mean")] = _mean(predicted)
         return metrics
 
     def pop_step_metrics(self) -> dict[str, float]:

@@ -89,6 +89,7 @@ class _TensorQuantizer(nn.Module):
         self.collect_stats = False
         self.generator: torch.Generator | None = None
         self.amax_group = None  # a torch.distributed group: training amax all_reduce(MAX) over it
+        self.compiled = False  # quantize through inductor's fused kernel (the same bits; ops.quantize)
 
     @property
     def format(self) -> FloatFormat | None:
@@ -138,7 +139,9 @@ class _TensorQuantizer(nn.Module):
             quantized = x + (quantized - x).detach()  # straight-through
         else:
             scale = self.last_scale = self.scale_for(x, record=self.training)
-            quantized = quantize(x, fmt, scale, rounding=self.spec.rounding, generator=self.generator)
+            quantized = quantize(
+                x, fmt, scale, rounding=self.spec.rounding, generator=self.generator, compiled=self.compiled
+            )
         if self.collect_stats:
             self._count(x.detach(), quantized.detach(), scale)
         return quantized
@@ -270,6 +273,19 @@ class QuantizedLinear(nn.Module):
     def collect_stats(self, on: bool) -> None:
         for quantizer in self.quantizers.values():
             quantizer.collect_stats = on
+
+    @property
+    def compiled_kernels(self) -> bool:
+        """Whether the weight, activation and gradient are rounded by ``quantize(..., compiled=True)``:
+        one fused inductor pass instead of about ten eager ones, the same bits (the model around them
+        stays eager, unlike ``train.compile``). Needs a working inductor backend (a C++ compiler on
+        the CPU); the first call per format compiles (seconds)."""
+        return self.quantizers["weight"].compiled
+
+    @compiled_kernels.setter
+    def compiled_kernels(self, on: bool) -> None:
+        for quantizer in self.quantizers.values():
+            quantizer.compiled = on
 
     def read_stats(self, reset: bool = True) -> torch.Tensor:
         """Sums per kind (rows ``TENSOR_KINDS``, columns ``STAT_FIELDS``), on the layer's device."""

@@ -101,11 +101,11 @@ def main() -> None:
     tokens = batch_size * config.model.block_size
     shape = f"{config.model.n_layer}x{config.model.n_embd}, batch {batch_size}x{config.model.block_size}"
     print(f"default model {shape}, {torch.get_num_threads()} threads; peer: fp32 eager step, same process")
-    print(f"{'variant':<30}{'median step ms':>16}{'tokens/s':>12}{'vs fp32':>10}")
+    print(f"{'variant':<36}{'median step ms':>16}{'tokens/s':>12}{'vs fp32':>10}")
     rows = []
     for name in names:
         ratio = medians[name] / medians["fp32"]
-        print(f"{name:<30}{medians[name] * 1e3:>16.1f}{tokens / medians[name]:>12.0f}{ratio:>9.2f}x")
+        print(f"{name:<36}{medians[name] * 1e3:>16.1f}{tokens / medians[name]:>12.0f}{ratio:>9.2f}x")
         rows.append(
             {
                 "variant": name,

@@ -65,7 +65,6 @@ def _fits(fmt: FloatFormat, work: _WorkingFloat) -> bool:
     )
 
 
-@functools.cache
 def _working_float(fmt: FloatFormat, input_dtype: torch.dtype) -> _WorkingFloat:
     """float32 unless the input is float64 or the format's constants leave float32's normal range."""
     if input_dtype == torch.float64 or not _fits(fmt, _FLOAT32):

@@ -4,10 +4,12 @@ One training step = forward + backward + AdamW step on a batch of the default sh
 in this process, interleaved, median of ``--repeats`` timed steps after warm-up. The peer is the
 fp32 step of the same model in the same process (``vs fp32``). ``--compile`` adds the fp32 and the
 quantized model through ``torch.compile`` (what ``train.compile: true`` does; compiled once in the
-warm-up), to show whether compiling pays on this machine. Prints a table and writes JSON
+warm-up), to show whether compiling pays on this machine. ``--fused-kernels`` adds the quantized
+model with only its quantize kernels compiled (``QuantizedLinear.compiled_kernels``: the same bits as
+eager, everything else eager). Prints a table and writes JSON
 (``--json``, default ``bench/results/train_step.json``; bench/results/ is git-ignored).
 
-    python bench/train_step.py [--repeats 20] [--batch-size 32] [--compile] [--json PATH]
+    python bench/train_step.py [--repeats 20] [--batch-size 32] [--compile] [--fused-kernels] [--json PATH]
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from altgrad.integration import QuantPlan, quantize_model
+from altgrad.integration import QuantizedLinear, QuantPlan, quantize_model
 from altgrad.jsonio import write_json_atomic
 from altgrad.training.config import load_config
 from altgrad.training.model import GPT, GPTConfig
@@ -37,6 +39,9 @@ def build_variant(
     autocast: contextlib.AbstractContextManager = contextlib.nullcontext()
     if name.startswith("quantized E4M3/E5M2"):
         quantize_model(model, QuantPlan(weight="E4M3", activation="E4M3", grad="E5M2"))
+        for layer in model.modules():
+            if isinstance(layer, QuantizedLinear):
+                layer.compiled_kernels = name.endswith("fused kernels")
     elif name == "bf16 autocast":
         autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     return model, torch.compile(model) if name.endswith("compiled") else model, autocast
@@ -64,6 +69,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd fp32 and quantized")
+    parser.add_argument("--fused-kernels", action="store_true", help="also time compiled quantize kernels")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "train_step.json")
     args = parser.parse_args()
     config = load_config(None)
@@ -84,6 +90,8 @@ def main() -> None:
     names = ["fp32", "bf16 autocast", "quantized E4M3/E5M2"]
     if args.compile:
         names += ["fp32 compiled", "quantized E4M3/E5M2 compiled"]
+    if args.fused_kernels:
+        names += ["quantized E4M3/E5M2 fused kernels"]
     variants = {name: build_variant(name, model_config) for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(3):  # interleave variants so machine noise hits them alike
@@ -93,11 +101,11 @@ def main() -> None:
     tokens = batch_size * config.model.block_size
     shape = f"{config.model.n_layer}x{config.model.n_embd}, batch {batch_size}x{config.model.block_size}"
     print(f"default model {shape}, {torch.get_num_threads()} threads; peer: fp32 eager step, same process")
-    print(f"{'variant':<30}{'median step ms':>16}{'tokens/s':>12}{'vs fp32':>10}")
+    print(f"{'variant':<36}{'median step ms':>16}{'tokens/s':>12}{'vs fp32':>10}")
     rows = []
     for name in names:
         ratio = medians[name] / medians["fp32"]
-        print(f"{name:<30}{medians[name] * 1e3:>16.1f}{tokens / medians[name]:>12.0f}{ratio:>9.2f}x")
+        print(f"{name:<36}{medians[name] * 1e3:>16.1f}{tokens / medians[name]:>12.0f}{ratio:>9.2f}x")
         rows.append(
             {
                 "variant": name,

@@ -1,5 +1,6 @@
 import copy
 import math
+import os
 
 import ml_dtypes
 import numpy as np
@@ -215,6 +216,54 @@ def test_nonfinite_counts_inputs_and_outputs_and_error_sums_skip_them():
     layer(x)
     assert _stat(layer, "activation", "nonfinite") == 1
     assert _stat(layer, "activation", "sum_sq") == 15 - 1 + 9  # the NaN element is left out
+
+
+def test_compiled_kernels_reach_every_quantizer(monkeypatch):
+    import altgrad.integration.quantized_linear as module
+
+    asked = []
+    monkeypatch.setattr(module, "quantize", lambda *args, compiled, **kw: asked.append(compiled) or args[0])
+    _, layer = _layer(LayerQuantSpec(weight=E4M3, activation=E4M3, grad=E5M2))
+    layer.compiled_kernels = True
+    assert layer.compiled_kernels and all(q.compiled for q in layer.quantizers.values())
+    layer(torch.randn(3, 16, requires_grad=True)).sum().backward()
+    assert asked == [True, True, True]  # weight, activation, then the gradient in the backward
+
+
+@pytest.mark.skipif(
+    os.environ.get("ALTGRAD_TEST_COMPILE") != "1",
+    reason="compiles with inductor (slow); ALTGRAD_TEST_COMPILE=1",
+)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_compiled_kernels_train_bit_for_bit_like_eager(rounding):
+    """Five AdamW steps of a quantized GPT: the same losses, weights and amax histories with the
+    quantize kernels compiled as eager (the model around them stays eager)."""
+    plan = QuantPlan(weight="E4M3", activation="E3M4", grad="E5M2", rounding=rounding)
+    x = torch.randint(11, (4, 8), generator=torch.Generator().manual_seed(1))
+    runs = []
+    for compiled in (False, True):
+        model = _tiny_gpt()
+        quantize_model(model, plan)
+        for layer in quantized_layers(model).values():
+            layer.compiled_kernels = compiled
+            for quantizer in layer.quantizers.values():
+                quantizer.generator = torch.Generator().manual_seed(7)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses = []
+        for _ in range(5):
+            _, loss = model(x, x)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.detach())
+        histories = [
+            q.history.history for layer in quantized_layers(model).values() for q in layer.quantizers.values()
+        ]
+        runs.append((torch.stack(losses), list(model.parameters()), histories))
+    (eager_losses, eager_weights, eager_histories), (losses, weights, histories) = runs
+    assert torch.equal(losses, eager_losses)
+    assert all(torch.equal(a, b) for a, b in zip(weights, eager_weights, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(histories, eager_histories, strict=True))
 
 
 def test_full_precision_forward_is_the_unquantized_model():

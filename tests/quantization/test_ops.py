@@ -743,7 +743,9 @@ def test_tensor_scale_equals_float_scale():
 
 
 @pytest.mark.parametrize(
-    "scale", [0.0, -1.0, math.inf, math.nan, -math.inf, torch.tensor([1.0, 0.0]), torch.tensor(math.nan)]
+    "scale",
+    [0.0, -1.0, math.inf, math.nan, -math.inf, torch.tensor([1.0, 0.0]), torch.tensor(math.nan)]
+    + [torch.tensor(0.0), torch.tensor(-0.0), torch.tensor(-2.0), torch.tensor(math.inf).double()],
 )
 def test_bad_scales_raise(scale):
     with pytest.raises(ValueError, match="scale"):

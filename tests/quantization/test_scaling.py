@@ -132,6 +132,23 @@ def test_compute_scale_of_tensors():
     assert compute_scale(torch.tensor(500.0), E4M3, power_of_two=True).item() == 2.0
 
 
+@pytest.mark.parametrize("power_of_two", [False, True])
+@pytest.mark.parametrize("margin", [0, 3, -2, 200])
+def test_compute_scale_of_tensors_matches_numpy_on_every_kind_of_float32(margin, power_of_two):
+    """Random bit patterns (NaN, +-inf, +-0, subnormals, negatives) against numpy in float32: the raw
+    scale where it is a normal float32, else 1."""
+    bits = np.random.default_rng(0).integers(-(2**31), 2**31, 200_000, dtype=np.int64).astype(np.int32)
+    amax = np.concatenate([bits.view(np.float32), np.float32([0, -0.0, np.inf, -np.inf, np.nan, 1e-45])])
+    with np.errstate(all="ignore"):
+        raw = amax / np.float32(E5M2.max_finite * 2.0**-margin)
+        if power_of_two:
+            raw = np.exp2(np.ceil(np.log2(raw)))
+        normal = (raw >= np.finfo(np.float32).tiny) & (raw <= np.finfo(np.float32).max)
+    expected = np.where(normal, raw, np.float32(1)).astype(np.float32)
+    scale = compute_scale(torch.from_numpy(amax), E5M2, margin=margin, power_of_two=power_of_two)
+    assert np.array_equal(scale.numpy().view(np.int32), expected.view(np.int32))
+
+
 def test_compute_scale_rejects_bad_arguments():
     with pytest.raises(ValueError, match="amax"):
         compute_scale(-1.0, E4M3)

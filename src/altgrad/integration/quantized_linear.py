@@ -92,6 +92,7 @@ class _TensorQuantizer(nn.Module):
         self.amax_group = None  # a torch.distributed group: training amax all_reduce(MAX) over it
         self.keep_codes = False  # keep the codes of the last forward for a flip tracker (weights)
         self.last_codes: tuple[torch.Tensor, int] | None = None  # (uint8 codes, x._version then)
+        self.compiled = False  # quantize through inductor's fused kernel (the same bits; ops.quantize)
 
     @property
     def format(self) -> FloatFormat | None:
@@ -145,7 +146,8 @@ class _TensorQuantizer(nn.Module):
                 quantized, codes = quantize_keeping_codes(x, fmt, scale, self.spec.rounding, self.generator)
                 self.last_codes = None if codes is None else (codes, x._version)
             else:
-                quantized = quantize(x, fmt, scale, rounding=self.spec.rounding, generator=self.generator)
+                rounding, generator, compiled = self.spec.rounding, self.generator, self.compiled
+                quantized = quantize(x, fmt, scale, rounding=rounding, generator=generator, compiled=compiled)
         if self.collect_stats:
             self._count(x.detach(), quantized.detach(), scale)
         return quantized
@@ -305,6 +307,19 @@ class QuantizedLinear(nn.Module):
     def collect_stats(self, on: bool) -> None:
         for quantizer in self.quantizers.values():
             quantizer.collect_stats = on
+
+    @property
+    def compiled_kernels(self) -> bool:
+        """Whether the weight, activation and gradient are rounded by ``quantize(..., compiled=True)``:
+        one fused inductor pass instead of about ten eager ones, the same bits (the model around them
+        stays eager, unlike ``train.compile``). Needs a working inductor backend (a C++ compiler on
+        the CPU); the first call per format compiles (seconds)."""
+        return self.quantizers["weight"].compiled
+
+    @compiled_kernels.setter
+    def compiled_kernels(self, on: bool) -> None:
+        for quantizer in self.quantizers.values():
+            quantizer.compiled = on
 
     def read_stats(self, reset: bool = True) -> torch.Tensor:
         """Sums per kind (rows ``TENSOR_KINDS``, columns ``STAT_FIELDS``), on the layer's device."""

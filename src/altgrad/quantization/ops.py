@@ -81,7 +81,7 @@ def check_scale(scale: ScaleLike, shape: torch.Size | None = None) -> None:
     if isinstance(scale, torch.Tensor):
         if not scale.is_floating_point():
             raise ValueError(f"scale: expected a floating-point tensor, got {scale.dtype}")
-        if shape is not None:
+        if shape is not None and scale.dim() > 0:  # a 0-dim scale broadcasts to every shape
             try:
                 broadcast = torch.broadcast_shapes(shape, scale.shape)
             except RuntimeError:
@@ -91,6 +91,11 @@ def check_scale(scale: ScaleLike, shape: torch.Size | None = None) -> None:
                     f"scale: shape {tuple(scale.shape)} does not broadcast to x's shape {tuple(shape)}"
                 )
         if scale.device.type != "cpu" or torch.compiler.is_compiling():
+            return
+        if scale.dim() == 0:  # one value: one read instead of four tensor ops
+            value = float(scale)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"scale: must be finite and > 0, got {[value]}")
             return
         valid = (scale > 0) & torch.isfinite(scale)
         if not bool(valid.all()):

@@ -56,6 +56,7 @@ MXRounding = Literal["floor", "ceil", "even"]
 MX_ROUNDINGS: tuple[str, ...] = ("floor", "ceil", "even")
 AMAX_COMPUTE_ALGOS: tuple[str, ...] = ("max", "most_recent")
 E8M0_MIN_EXPONENT, E8M0_MAX_EXPONENT = -127, 127
+_FLOAT32 = torch.finfo(torch.float32)  # scales are float32 numbers
 
 
 # ---- delayed per-tensor scaling ---------------------------------------------------------------------------
@@ -198,14 +199,15 @@ def _unfloored_scale(
     if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not math.isfinite(margin):
         raise ValueError(f"margin: expected a finite number, got {margin!r}")
     target = fmt.max_finite * 2.0**-margin  # amax lands here; one correctly rounded division below
-    tiny = torch.finfo(torch.float32).tiny
+    tiny, largest = _FLOAT32.tiny, _FLOAT32.max
     if isinstance(amax, torch.Tensor):
         a = amax.detach().to(torch.float32)
         raw = a / target
         if power_of_two:
             raw = torch.exp2(torch.ceil(torch.log2(raw)))
-        usable = torch.isfinite(a) & (a > 0) & torch.isfinite(raw) & (raw >= tiny)
-        return torch.where(usable, raw, torch.ones_like(raw))
+        # finite and normal; a zero, negative or non-finite amax gives a raw scale outside (or NaN)
+        usable = (raw >= tiny) & (raw <= largest)
+        return torch.where(usable, raw, 1.0)
     if isinstance(amax, bool) or not isinstance(amax, (int, float)):
         raise ValueError(f"amax: expected a tensor or a number, got {type(amax).__name__}")
     if amax < 0:
@@ -215,7 +217,7 @@ def _unfloored_scale(
     raw = amax / target
     if power_of_two and raw > 0:
         raw = 2.0 ** math.ceil(math.log2(raw))
-    if not math.isfinite(raw) or not tiny <= raw <= torch.finfo(torch.float32).max:
+    if not math.isfinite(raw) or not tiny <= raw <= largest:
         return 1.0
     return raw
 

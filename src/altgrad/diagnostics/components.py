@@ -51,6 +51,7 @@ from torch import nn
 from altgrad.integration import QuantizedLinear, quantized_layers
 from altgrad.quantization.formats import FloatFormat, get_format
 from altgrad.quantization.scaling import compute_scale
+from altgrad.training.optimizer import quant_info_from_model
 
 from .flips import (
     FlipTrackerHooks,
@@ -106,11 +107,11 @@ class TrainingRun:
         return {name: layer for name, layer in self.quantized().items() if layer.weight_format is not None}
 
     def quant_info(self, param: nn.Parameter) -> tuple[FloatFormat, torch.Tensor] | None:
-        """The format and current scale of a quantized weight (None for any other parameter)."""
-        for layer in self.tracked().values():
-            if layer.weight is param:
-                return layer.weight_format, layer.weight_scale()
-        return None
+        """The format and current scale of a quantized weight (None for any other parameter): the
+        optimizers' ``quant_info_from_model``, built once (one dict lookup per parameter)."""
+        if not hasattr(self, "_quant_info"):
+            self._quant_info = quant_info_from_model(self.model)
+        return self._quant_info(param)
 
 
 class Component:
@@ -310,6 +311,11 @@ class FlipDiagnostic(Component):
 
     def due(self, step: int) -> bool:
         return self.tracks_anything and super().due(step)
+
+    def start_step(self, step: int) -> None:
+        if self.interval is not None:  # the forward keeps weight codes only for a step that counts flips
+            for layer in self._layer_of.values():
+                layer.keep_weight_codes = self.due(step)
 
     def before_step(self, step: int) -> dict[str, float]:
         if self.interval is not None and self.due(step):  # snapshot and count inside optimizer.step()

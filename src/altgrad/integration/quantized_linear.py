@@ -142,7 +142,7 @@ class _TensorQuantizer(nn.Module):
             quantized = x + (quantized - x).detach()  # straight-through
         else:
             scale = self.last_scale = self.scale_for(x, record=self.training)
-            if self.keep_codes:  # one encode gives the forward's values and the tracker's codes
+            if self.keep_codes and self.training:  # one encode: the forward's values, the tracker's codes
                 quantized, codes = quantize_keeping_codes(x, fmt, scale, self.spec.rounding, self.generator)
                 self.last_codes = None if codes is None else (codes, x._version)
             else:

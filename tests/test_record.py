@@ -11,6 +11,7 @@ from altgrad.analysis.summaries import derived_figures
 from altgrad.record import aggregate_key, metric_key, quant_key, summarize
 from altgrad.training.config import load_config
 from altgrad.training.trainer import Trainer
+from tiny_runs import EVERY_DIAGNOSTIC_DUE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,25 +55,10 @@ def test_summary_by_hand():
 
 
 EVERYTHING_ON = [
-    "model.n_layer=1",
-    "model.n_head=2",
-    "model.n_embd=32",
-    "model.block_size=16",
-    "train.batch_size=4",
-    "train.max_steps=4",
-    "train.warmup_steps=1",
-    "train.eval_interval=4",
-    "train.eval_batches=1",
-    "train.grad_clip=1.0",
-    "diagnostics.rank_interval=2",
-    "diagnostics.grad_stats_interval=2",
-    "diagnostics.quant_stats_interval=2",
-    "diagnostics.optimizer_stats_interval=2",
+    *EVERY_DIAGNOSTIC_DUE,
     "stability.format_shift=true",
     "stability.shift_warmup_steps=0",
     "stability.relative_grad_clip=0.01",
-    "checkpoint.interval=100",
-    "logging.progress=false",
 ]
 
 CONSUMED = {

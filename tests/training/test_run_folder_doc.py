@@ -11,27 +11,10 @@ import pytest
 
 from altgrad.training.config import load_config
 from altgrad.training.trainer import train
+from tiny_runs import EVERY_DIAGNOSTIC_DUE as EVERYTHING_ON
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "run_folder.md"
 
-EVERYTHING_ON = [
-    "model.n_layer=1",
-    "model.n_head=2",
-    "model.n_embd=32",
-    "model.block_size=16",
-    "train.batch_size=4",
-    "train.max_steps=4",
-    "train.warmup_steps=1",
-    "train.eval_interval=4",
-    "train.eval_batches=1",
-    "train.grad_clip=1.0",  # grad_norm
-    "diagnostics.rank_interval=2",
-    "diagnostics.grad_stats_interval=2",
-    "diagnostics.quant_stats_interval=2",
-    "diagnostics.optimizer_stats_interval=2",
-    "checkpoint.interval=100",
-    "logging.progress=false",
-]
 """Overrides that turn on every documented key family (a family needing its own setting adds it here)."""
 
 NOT_PRODUCED_YET: set[str] = set()

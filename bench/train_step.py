@@ -2,14 +2,16 @@
 
 One training step = forward + backward + AdamW step on a batch of the default shape, all variants
 in this process, interleaved, median of ``--repeats`` timed steps after warm-up. The peer is the
-fp32 step of the same model in the same process (``vs fp32``). ``--compile`` adds the fp32 and the
-quantized model through ``torch.compile`` (what ``train.compile: true`` does; compiled once in the
-warm-up), to show whether compiling pays on this machine. ``--fused-kernels`` adds the quantized
-model with only its quantize kernels compiled (``QuantizedLinear.compiled_kernels``: the same bits as
-eager, everything else eager). Prints a table and writes JSON
-(``--json``, default ``bench/results/train_step.json``; bench/results/ is git-ignored).
+fp32 step of the same model in the same process (``vs fp32``). ``quantized E4M3/E5M2`` is the
+quantized model as ``altgrad train`` runs it (``quant.compiled_kernels: true``, the default: each
+tensor's amax, scale and rounding in one compiled kernel, the same bits as eager; compiled in the
+warm-up); ``quantized, eager kernels`` is the same model with ``quant.compiled_kernels: false``.
+``--compile`` adds the fp32 and the quantized model through ``torch.compile`` (what
+``train.compile: true`` does; compiled once in the warm-up), to show whether compiling the whole
+model pays on this machine. Prints a table and writes JSON (``--json``, default
+``bench/results/train_step.json``; bench/results/ is git-ignored).
 
-    python bench/train_step.py [--repeats 20] [--batch-size 32] [--compile] [--fused-kernels] [--json PATH]
+    python bench/train_step.py [--repeats 20] [--batch-size 32] [--compile] [--json PATH]
 """
 
 from __future__ import annotations
@@ -37,11 +39,11 @@ def build_variant(
     torch.manual_seed(0)
     model = GPT(model_config)
     autocast: contextlib.AbstractContextManager = contextlib.nullcontext()
-    if name.startswith("quantized E4M3/E5M2"):
+    if name.startswith("quantized"):
         quantize_model(model, QuantPlan(weight="E4M3", activation="E4M3", grad="E5M2"))
         for layer in model.modules():
             if isinstance(layer, QuantizedLinear):
-                layer.compiled_kernels = name.endswith("fused kernels")
+                layer.compiled_kernels = not name.endswith("eager kernels")
     elif name == "bf16 autocast":
         autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     return model, torch.compile(model) if name.endswith("compiled") else model, autocast
@@ -69,7 +71,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd fp32 and quantized")
-    parser.add_argument("--fused-kernels", action="store_true", help="also time compiled quantize kernels")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "train_step.json")
     args = parser.parse_args()
     config = load_config(None)
@@ -87,11 +88,9 @@ def main() -> None:
     x = torch.randint(VOCAB_SIZE, (batch_size, config.model.block_size), generator=generator)
     y = torch.randint(VOCAB_SIZE, (batch_size, config.model.block_size), generator=generator)
 
-    names = ["fp32", "bf16 autocast", "quantized E4M3/E5M2"]
+    names = ["fp32", "bf16 autocast", "quantized E4M3/E5M2", "quantized, eager kernels"]
     if args.compile:
         names += ["fp32 compiled", "quantized E4M3/E5M2 compiled"]
-    if args.fused_kernels:
-        names += ["quantized E4M3/E5M2 fused kernels"]
     variants = {name: build_variant(name, model_config) for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(3):  # interleave variants so machine noise hits them alike

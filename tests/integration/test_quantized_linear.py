@@ -1,6 +1,5 @@
 import copy
 import math
-import os
 
 import ml_dtypes
 import numpy as np
@@ -219,51 +218,79 @@ def test_nonfinite_counts_inputs_and_outputs_and_error_sums_skip_them():
 
 
 def test_compiled_kernels_reach_every_quantizer(monkeypatch):
+    """compiled_kernels: per-tensor nearest rounding goes through the fused kernel (weight, activation,
+    then the gradient in the backward); what it cannot take, through quantize(..., compiled=True)."""
     import altgrad.integration.quantized_linear as module
 
-    asked = []
-    monkeypatch.setattr(module, "quantize", lambda *args, compiled, **kw: asked.append(compiled) or args[0])
+    fused_calls = []
+
+    def fake_fused(x, fmt, margin, rounding, history_amax, codes=False):
+        fused_calls.append(fmt.name)
+        amax = x.detach().abs().amax()
+        return module.fused.FusedResult(x.detach().clone(), torch.ones(()), amax, None)
+
+    monkeypatch.setattr(module.fused, "scale_and_quantize", fake_fused)
     _, layer = _layer(LayerQuantSpec(weight=E4M3, activation=E4M3, grad=E5M2))
     layer.compiled_kernels = True
     assert layer.compiled_kernels and all(q.compiled for q in layer.quantizers.values())
     layer(torch.randn(3, 16, requires_grad=True)).sum().backward()
-    assert asked == [True, True, True]  # weight, activation, then the gradient in the backward
+    assert fused_calls == ["E4M3", "E4M3", "E5M2"]
+    assert all(len(q.history) == 1 for q in layer.quantizers.values())  # delayed scaling recorded the amax
+
+    asked = []
+    monkeypatch.setattr(module, "quantize", lambda *args, compiled, **kw: asked.append(compiled) or args[0])
+    _, layer = _layer(LayerQuantSpec(weight=E4M3, activation=E4M3, grad=E5M2, rounding="stochastic"))
+    layer.compiled_kernels = True
+    layer(torch.randn(3, 16, requires_grad=True)).sum().backward()
+    assert asked == [True, True, True] and len(fused_calls) == 3
 
 
-@pytest.mark.skipif(
-    os.environ.get("ALTGRAD_TEST_COMPILE") != "1",
-    reason="compiles with inductor (slow); ALTGRAD_TEST_COMPILE=1",
+@pytest.mark.parametrize(
+    ("rounding", "scaling"), [("nearest", "delayed"), ("nearest", "current"), ("stochastic", "delayed")]
 )
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_compiled_kernels_train_bit_for_bit_like_eager(rounding):
-    """Five AdamW steps of a quantized GPT: the same losses, weights and amax histories with the
-    quantize kernels compiled as eager (the model around them stays eager)."""
-    plan = QuantPlan(weight="E4M3", activation="E3M4", grad="E5M2", rounding=rounding)
+def test_compiled_kernels_train_bit_for_bit_like_eager(rounding, scaling):
+    """Five AdamW steps of a quantized GPT: the same losses, weights, amax histories, weight codes (a
+    flip tracker's) and quant statistics with compiled kernels as eager (the model around them stays
+    eager). Nearest rounding takes the fused kernel; stochastic rounding on a CPU stays eager."""
+    plan = QuantPlan(weight="E4M3", activation="E3M4", grad="E5M2", rounding=rounding, scaling=scaling)
     x = torch.randint(11, (4, 8), generator=torch.Generator().manual_seed(1))
     runs = []
     for compiled in (False, True):
         model = _tiny_gpt()
         quantize_model(model, plan)
-        for layer in quantized_layers(model).values():
+        layers = quantized_layers(model).values()
+        for layer in layers:
             layer.compiled_kernels = compiled
+            layer.keep_weight_codes = True
             for quantizer in layer.quantizers.values():
                 quantizer.generator = torch.Generator().manual_seed(7)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        losses = []
-        for _ in range(5):
+        losses, codes = [], []
+        for step in range(5):
+            for layer in layers:
+                layer.collect_stats = step == 3
             _, loss = model(x, x)
             loss.backward()
+            codes += [layer.take_weight_codes() for layer in layers]
             optimizer.step()
             optimizer.zero_grad()
             losses.append(loss.detach())
-        histories = [
-            q.history.history for layer in quantized_layers(model).values() for q in layer.quantizers.values()
-        ]
-        runs.append((torch.stack(losses), list(model.parameters()), histories))
-    (eager_losses, eager_weights, eager_histories), (losses, weights, histories) = runs
+        histories = [q.history.history for layer in layers for q in layer.quantizers.values()]
+        stats = [layer.read_stats() for layer in layers]
+        runs.append((torch.stack(losses), list(model.parameters()), histories, codes, stats))
+    (eager_losses, eager_weights, eager_histories, eager_codes, eager_stats) = runs[0]
+    losses, weights, histories, codes, stats = runs[1]
     assert torch.equal(losses, eager_losses)
-    assert all(torch.equal(a, b) for a, b in zip(weights, eager_weights, strict=True))
+    assert all(
+        torch.equal(a.view(torch.int32), b.view(torch.int32))
+        for a, b in zip(weights, eager_weights, strict=True)
+    )
     assert all(torch.equal(a, b) for a, b in zip(histories, eager_histories, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(stats, eager_stats, strict=True))
+    if rounding == "nearest":  # E4M3 is native: the eager path keeps codes too
+        assert all(a is not None and torch.equal(a, b) for a, b in zip(codes, eager_codes, strict=True))
+    else:
+        assert all(a is None and b is None for a, b in zip(codes, eager_codes, strict=True))
 
 
 def test_full_precision_forward_is_the_unquantized_model():

@@ -105,3 +105,27 @@ def test_train_compile_is_off_by_default() -> None:
     assert maybe_compile(model, load_config(None)) is model
     compiled = maybe_compile(model, load_config(None, ["train.compile=true"]))
     assert compiled is not model and compiled.weight is model.weight
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_compiled_kernels_key_leaves_every_metric_unchanged(tmp_path) -> None:
+    """``quant.compiled_kernels`` (on by default) changes how the quantizers compute, not what: a tiny
+    run with every diagnostic due (flips from the forward's codes, quant statistics, rank, eval)
+    writes the same metrics.jsonl with it on and off, timing fields aside."""
+    import json
+
+    from altgrad.training.trainer import Trainer
+    from tiny_runs import EVERY_DIAGNOSTIC_DUE
+
+    assert load_config(None).quant.compiled_kernels
+    records = {}
+    for on in (False, True):
+        settings = [f"out_dir={tmp_path}", f"name=k{on}", f"quant.compiled_kernels={on}"]
+        trainer = Trainer(load_config(None, [*EVERY_DIAGNOSTIC_DUE, *settings]))
+        assert all(layer.compiled_kernels is on for layer in trainer.layers.values())
+        trainer.run()
+        lines = (tmp_path / f"k{on}" / "metrics.jsonl").read_text().splitlines()
+        timing = ("tokens_per_s", "elapsed_s")
+        records[on] = [{k: v for k, v in json.loads(line).items() if k not in timing} for line in lines]
+    assert any(key.startswith("flips/") for record in records[True] for key in record)
+    assert records[True] == records[False]

@@ -184,9 +184,11 @@ class QuantPlan(QuantSettings):
 
     @classmethod
     def from_dict(cls, section: Mapping[str, Any]) -> QuantPlan:
-        """The plan of a ``quant`` config section (``enabled`` and ``recipe`` are no part of a plan:
-        the recipe is expanded into the other keys when the config is read)."""
-        values = {key: value for key, value in section.items() if key not in ("enabled", "recipe")}
+        """The plan of a ``quant`` config section (``enabled``, ``recipe`` and ``compiled_kernels`` are
+        no part of a plan: the recipe is expanded into the other keys when the config is read, and
+        compiled kernels change how the values are computed, not what they are)."""
+        skipped = ("enabled", "recipe", "compiled_kernels")
+        values = {key: value for key, value in section.items() if key not in skipped}
         rules = [QuantRule(**rule) for rule in values.pop("rules", ())]
         return cls(**values, rules=rules)
 

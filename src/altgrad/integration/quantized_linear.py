@@ -50,9 +50,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from altgrad.quantization import fused
 from altgrad.quantization.codes import quantize_keeping_codes
 from altgrad.quantization.formats import FloatFormat, format_name
-from altgrad.quantization.ops import quantize
+from altgrad.quantization.ops import quantize, straight_through
 from altgrad.quantization.scaling import (
     AmaxHistory,
     compute_scale,
@@ -133,6 +134,10 @@ class _TensorQuantizer(nn.Module):
         fmt = self.format
         if fmt is None:
             return x
+        if self.compiled and self._fusable(x):
+            quantized = self._fused_forward(x, fmt)
+            if quantized is not None:
+                return quantized
         scale = None
         if self.spec.scaling == "mx" and self.kind != "weight":
             # activations and gradients: block scales broadcast inside mx_quantize, no full-size scale
@@ -150,6 +155,36 @@ class _TensorQuantizer(nn.Module):
                 quantized = quantize(x, fmt, scale, rounding=rounding, generator=generator, compiled=compiled)
         if self.collect_stats:
             self._count(x.detach(), quantized.detach(), scale)
+        return quantized
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """Whether the fused compiled kernel computes this call (``quantization/fused.py``): per-tensor
+        delayed or current scaling on one process (no amax all_reduce), and what ``fused.supports``."""
+        spec = self.spec
+        return (
+            spec.scaling in ("delayed", "current")
+            and self.amax_group is None
+            and fused.supports(x, self.format, spec.rounding, spec.power_of_two_scales)
+        )
+
+    def _fused_forward(self, x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor | None:
+        """``scale_for`` + quantize (+ the weight's codes) in one compiled kernel: the eager path's
+        results bit for bit; None if compiling is unavailable."""
+        spec, history = self.spec, self.history
+        delayed = spec.scaling == "delayed" and len(history) > 0
+        history_amax = history.amax_by(spec.amax_compute_algo) if delayed else None
+        keep_codes = self.keep_codes and self.training and spec.rounding == "nearest" and fmt.total_bits <= 8
+        result = fused.scale_and_quantize(x, fmt, spec.margin, spec.rounding, history_amax, codes=keep_codes)
+        if result is None:
+            return None
+        if self.training and spec.scaling == "delayed":
+            history.update(result.current_amax)
+        self.last_scale = result.scale
+        if self.keep_codes and self.training:
+            self.last_codes = None if result.codes is None else (result.codes, x._version)
+        quantized = straight_through(x, result.values)
+        if self.collect_stats:
+            self._count(x.detach(), result.values, result.scale)
         return quantized
 
     def _count(self, original: torch.Tensor, quantized: torch.Tensor, scale: torch.Tensor | None) -> None:
@@ -310,10 +345,13 @@ class QuantizedLinear(nn.Module):
 
     @property
     def compiled_kernels(self) -> bool:
-        """Whether the weight, activation and gradient are rounded by ``quantize(..., compiled=True)``:
-        one fused inductor pass instead of about ten eager ones, the same bits (the model around them
-        stays eager, unlike ``train.compile``). Needs a working inductor backend (a C++ compiler on
-        the CPU); the first call per format compiles (seconds)."""
+        """Whether the weight, activation and gradient go through compiled kernels, the same bits as the
+        eager ones (the model around them stays eager, unlike ``train.compile``): per-tensor delayed
+        or current scaling on the CPU computes amax, scale, rounding and the weight's codes in one
+        compiled kernel (``quantization/fused.py``); other settings round with ``quantize(...,
+        compiled=True)`` where that compiles. Needs a working inductor backend (a C++ compiler on the
+        CPU): without one, a warning and the eager kernels. The first call per format compiles
+        (seconds)."""
         return self.quantizers["weight"].compiled
 
     @compiled_kernels.setter

@@ -376,20 +376,27 @@ def _special_stand_ins(fmt: FloatFormat) -> tuple[float, float]:
 
 
 def _encode_piece(
-    values: torch.Tensor, codes: torch.Tensor, tmp: torch.Tensor, tmp2: torch.Tensor, fmt, plan
+    values: torch.Tensor,
+    codes: torch.Tensor,
+    tmp: torch.Tensor,
+    tmp2: torch.Tensor,
+    fmt,
+    plan,
+    stand_ins: tuple[float, float] | None = None,
 ) -> None:
     """Codes of on-grid ``values`` (working float) into ``codes``, using two working-int temporaries.
 
     Scaled by 2^k so that the format's smallest normal binade is the working float's, the working
     float's bit pattern shifted right by P - M is the format's code, subnormals included; inf and
-    NaN are first replaced by finite stand-ins that land on their codes.
+    NaN are first replaced by finite stand-ins that land on their codes (``_special_stand_ins(fmt)``,
+    computed here unless given: a torch.compile trace of the caller cannot run it).
     """
     if not fmt.subnormals and fmt.mantissa_bits > 0:  # no such alignment: the generic way
         codes.copy_(_codes_of_grid_values(values, fmt))
         return
     work = plan.work
     k = plan.k if fmt.subnormals else plan.k - 1  # E8M0: 2^emin is code 0, the working float's 2^(emin - 1)
-    inf, nan = _special_stand_ins(fmt)
+    inf, nan = _special_stand_ins(fmt) if stand_ins is None else stand_ins
     y = tmp.view(values.dtype)
     torch.nan_to_num(values, nan=nan, posinf=inf, neginf=-inf, out=y)
     if k:

@@ -32,7 +32,7 @@ import math
 import torch
 
 from .formats import FloatFormat, get_format
-from .ops import encode, quantize
+from .ops import encode, quantize, straight_through
 
 ScaleLike = float | torch.Tensor
 
@@ -120,18 +120,6 @@ def decode_native(codes: torch.Tensor, format: str | FloatFormat, scale: ScaleLi
     return values if scale == 1 else values.mul_(float(scale))
 
 
-class _Straight(torch.autograd.Function):
-    """``values`` forward, the gradient passed to ``x`` unchanged."""
-
-    @staticmethod
-    def forward(ctx, x, values):  # type: ignore[override]
-        return values
-
-    @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
-        return grad_output, None
-
-
 def quantize_keeping_codes(
     x: torch.Tensor,
     format: str | FloatFormat,
@@ -146,7 +134,7 @@ def quantize_keeping_codes(
     if rounding != "nearest" or not has_native_encode(fmt, x):
         return quantize(x, fmt, scale, rounding=rounding, generator=generator), None
     codes = native_encode(x, fmt, scale)
-    return _Straight.apply(x, decode_native(codes, fmt, scale)), codes
+    return straight_through(x, decode_native(codes, fmt, scale)), codes
 
 
 def replace_code(codes: torch.Tensor, old: int, new: int) -> torch.Tensor:

@@ -148,6 +148,24 @@ class _QuantizeSTE(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+class _StraightThrough(torch.autograd.Function):
+    """``values`` forward, the gradient passed to ``x`` unchanged."""
+
+    @staticmethod
+    def forward(ctx, x, values):  # type: ignore[override]
+        return values
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        return grad_output, None
+
+
+def straight_through(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``values`` (computed from ``x`` without autograd) with the straight-through gradient:
+    dL/dx = dL/dvalues."""
+    return _StraightThrough.apply(x, values) if x.requires_grad else values
+
+
 def quantize(
     x: torch.Tensor,
     format: str | FloatFormat,

@@ -201,13 +201,7 @@ def _unfloored_scale(
     target = fmt.max_finite * 2.0**-margin  # amax lands here; one correctly rounded division below
     tiny, largest = _FLOAT32.tiny, _FLOAT32.max
     if isinstance(amax, torch.Tensor):
-        a = amax.detach().to(torch.float32)
-        raw = a / target
-        if power_of_two:
-            raw = torch.exp2(torch.ceil(torch.log2(raw)))
-        # finite and normal; a zero, negative or non-finite amax gives a raw scale outside (or NaN)
-        usable = (raw >= tiny) & (raw <= largest)
-        return torch.where(usable, raw, 1.0)
+        return tensor_scale(amax.detach().to(torch.float32), target, power_of_two)
     if isinstance(amax, bool) or not isinstance(amax, (int, float)):
         raise ValueError(f"amax: expected a tensor or a number, got {type(amax).__name__}")
     if amax < 0:
@@ -220,6 +214,20 @@ def _unfloored_scale(
     if not math.isfinite(raw) or not tiny <= raw <= largest:
         return 1.0
     return raw
+
+
+def tensor_scale(
+    amax: torch.Tensor, target: float | torch.Tensor, power_of_two: bool = False
+) -> torch.Tensor:
+    """``compute_scale``'s rule on a float32 ``amax`` tensor: ``amax / target`` (one float32 division;
+    ``target = max_finite * 2^-margin``, a number or a 0-dim float32 tensor holding it), rounded up to
+    a power of two if asked, and 1 wherever that is not a finite normal float32 number."""
+    raw = amax / target
+    if power_of_two:
+        raw = torch.exp2(torch.ceil(torch.log2(raw)))
+    # finite and normal; a zero, negative or non-finite amax gives a raw scale outside (or NaN)
+    usable = (raw >= _FLOAT32.tiny) & (raw <= _FLOAT32.max)
+    return torch.where(usable, raw, 1.0)
 
 
 def per_channel_scale(

@@ -169,6 +169,7 @@ class QuantConfig(_Section):
     power_of_two_scales: bool = False
     mx_scale_rounding: Literal["floor", "ceil", "even"] = "floor"
     rules: list[QuantRuleConfig] = Field(default_factory=list)
+    compiled_kernels: bool = True  # how, not what: QuantizedLinear.compiled_kernels (the same bits)
 
     @model_validator(mode="before")
     @classmethod

@@ -117,6 +117,8 @@ class Trainer:
             ]
         self.startup_warnings += format_width_warnings(config)
         self.layers: dict[str, QuantizedLinear] = quantized_layers(self.model)
+        for layer in self.layers.values():
+            layer.compiled_kernels = config.quant.compiled_kernels
         self.tracked = {name: layer for name, layer in self.layers.items() if layer.weight_format is not None}
         self.layer_of_param = {id(layer.weight): layer for layer in self.tracked.values()}
         self.optimizer = self._build_optimizer()

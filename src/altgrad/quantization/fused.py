@@ -1,0 +1,185 @@
+"""One compiled kernel for a per-tensor fake quantization: amax, scale, rounding, codes.
+
+Eager, a delayed-scaling quantizer runs about twenty small ops per tensor (``aminmax``, the scale
+rule's five, the rounding kernel's nine, the history's two ...); on a CPU inside a training step each
+costs tens of microseconds before it touches a byte, and the nine rounding passes cost most of the
+rest. ``scale_and_quantize`` is the same computation as one ``torch.compile`` graph, which inductor
+turns into one loop over ``x``::
+
+    current = max(|x|)                                  this call's amax (for the history)
+    s       = compute_scale(history_amax or current, fmt, margin)
+    y       = Q(x / s)                                  nearest (ties to even) or toward zero, saturating
+    codes   = encode(y)                                 optional: uint8 codes of y
+    values  = y * s
+
+Every result is bit for bit what the eager path gives: ``_TensorQuantizer.scale_for`` +
+``ops.quantize`` / ``codes.quantize_keeping_codes``, because the graph *is* the eager kernels
+(``_engine``'s nearest and toward-zero kernels, its encoder, ``scaling.tensor_scale``) traced, and
+inductor's CPU code keeps every division a correctly rounded division (``target`` is passed as a
+tensor, so no division by a constant can become a multiplication by its reciprocal on any backend).
+Only NaN payloads may differ (a NaN stays a NaN), and the sign of the amax of a tensor holding
+zeros of both signs and nothing else (its scale is 1 either way). ``tests/quantization/test_fused.py``
+compares the two on eight formats, with zeros, subnormals, ties, overflow, +-inf and NaN.
+
+Where it applies (``supports``): a float32 CPU tensor of at least 2 elements, outside a caller's
+``torch.compile`` trace, in a format whose arithmetic fits float32, rounded to nearest or toward
+zero, with scales that are not rounded to powers of two. The length is a dynamic dimension, so one
+graph serves every shape; each (format, margin, rounding, codes) combination compiles once per
+process (seconds; inductor's on-disk cache makes later processes faster). If compiling fails (no C++
+compiler, say), ``scale_and_quantize`` warns once and returns None from then on, and the caller runs
+the eager kernels: the same results, slower.
+
+Example::
+
+    >>> from altgrad.quantization import E4M3
+    >>> result = scale_and_quantize(torch.randn(4096), E4M3)              # doctest: +SKIP
+    >>> result.values, result.scale, result.current_amax, result.codes    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from dataclasses import dataclass, replace
+
+import torch
+
+from . import _engine
+from .formats import FloatFormat
+from .scaling import tensor_scale
+
+ROUNDINGS: tuple[str, ...] = ("nearest", "toward_zero")
+
+
+@dataclass(frozen=True)
+class FusedResult:
+    """What one call returns: ``values`` (x's shape, float32), the 0-dim float32 ``scale`` used, this
+    call's ``current_amax`` (0-dim float32, NaN if x held a NaN) and the uint8 ``codes`` of the
+    rounded values (x's shape) when asked for, else None."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
+    current_amax: torch.Tensor
+    codes: torch.Tensor | None
+
+
+def supports(x: torch.Tensor, fmt: FloatFormat, rounding: str, power_of_two: bool = False) -> bool:
+    """Whether ``scale_and_quantize`` can take ``x`` (see the module docstring)."""
+    return (
+        _enabled
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.numel() >= 2
+        and rounding in ROUNDINGS
+        and not power_of_two
+        and _engine._working_float(fmt, x.dtype) is _engine._FLOAT32
+        and not torch.compiler.is_compiling()
+    )
+
+
+def scale_and_quantize(
+    x: torch.Tensor,
+    fmt: FloatFormat,
+    margin: int = 0,
+    rounding: str = "nearest",
+    history_amax: torch.Tensor | None = None,
+    codes: bool = False,
+) -> FusedResult | None:
+    """Fake-quantize ``x`` at the per-tensor scale of ``history_amax`` (delayed scaling) or, when it is
+    None, of this call's amax (current scaling), in one compiled kernel; ``codes`` adds the uint8
+    codes (8-bit formats, nearest rounding). No autograd: the caller attaches the straight-through
+    gradient. None if compiling is unavailable (then the caller's eager path gives the same results).
+    ``x`` must satisfy ``supports``."""
+    if codes and (fmt.total_bits > 8 or rounding != "nearest"):
+        raise ValueError(f"codes: only for 8-bit formats rounded to nearest, got {fmt.name} {rounding}")
+    kernel = _kernel(fmt, margin, rounding, codes)
+    if kernel is None:
+        return None
+    flat = x.detach().reshape(-1)
+    torch._dynamo.mark_dynamic(flat, 0)
+    use_history = _constant(history_amax is not None, torch.bool)
+    amax = _constant(0.0) if history_amax is None else history_amax.reshape(()).to(torch.float32)
+    try:
+        values, scale, current, code_values = kernel(flat, amax, use_history, _constant(_target(fmt, margin)))
+    except Exception as error:  # a backend that cannot compile: from now on the eager kernels
+        _disable(error)
+        return None
+    return FusedResult(
+        values.view(x.shape), scale, current, None if code_values is None else code_values.view(x.shape)
+    )
+
+
+# ---- the kernel ----------------------------------------------------------------------------------------
+
+
+def _target(fmt: FloatFormat, margin: int) -> float:
+    """``compute_scale``'s target: amax lands on max_finite / 2^margin."""
+    return fmt.max_finite * 2.0**-margin
+
+
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _constant(value: float | bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A cached 0-dim CPU tensor (a graph input, so that no value is baked into a kernel)."""
+    key = (value, dtype)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(value, dtype=dtype)
+    return _CONSTANTS[key]
+
+
+def _fused_body(
+    x: torch.Tensor, history_amax: torch.Tensor, use_history: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The traced computation; ``JOB`` and ``CODES`` are bound per configuration (see ``_kernel``)."""
+    job: _engine.Job = JOB  # noqa: F821 - bound in the copy's globals
+    low, high = torch.aminmax(x)
+    current = torch.maximum(-low, high)  # for equal zeros inductor keeps the second, eager the first
+    scale = tensor_scale(torch.where(use_history, history_amax, current), target)
+    job = replace(job, scale=scale, multiply_back=False)
+    n, work = x.numel(), job.plan.work
+    rounded = torch.empty(n, dtype=work.dtype, device=x.device)
+    scratch = torch.empty(n, dtype=work.int_dtype, device=x.device)
+    _engine._run_piece(job, x, rounded, scratch, None, 0)
+    codes = None
+    if CODES:  # noqa: F821 - bound in the copy's globals
+        codes = torch.empty(n, dtype=torch.uint8, device=x.device)
+        spare = torch.empty(n, dtype=work.int_dtype, device=x.device)
+        _engine._encode_piece(rounded, codes, scratch, spare, job.fmt, job.plan, STAND_INS)  # noqa: F821
+    return rounded * scale, scale, current, codes
+
+
+_KERNELS: dict[tuple, object] = {}
+_enabled = True
+
+
+def _kernel(fmt: FloatFormat, margin: int, rounding: str, codes: bool):
+    """The compiled ``_fused_body`` for one configuration, or None once compiling has failed.
+
+    Each configuration is its own function object with its own code object (so its own dynamo cache:
+    the recompile limit is never shared) and globals binding its static ``JOB`` and ``CODES``.
+    """
+    if not _enabled:
+        return None
+    key = (fmt, margin, rounding, codes)
+    kernel = _KERNELS.get(key)
+    if kernel is None:
+        plan = _engine._plan(fmt, _engine._FLOAT32)
+        job = _engine.Job(fmt, plan, rounding, "saturate", None, None, False, None)
+        code = _fused_body.__code__.replace(co_name=f"_fused_body_{len(_KERNELS)}")
+        bound = {"JOB": job, "CODES": codes, "STAND_INS": _engine._special_stand_ins(fmt)}
+        body = types.FunctionType(code, {**_fused_body.__globals__, **bound}, code.co_name)
+        kernel = _KERNELS[key] = torch.compile(body, dynamic=False)
+    return kernel
+
+
+def _disable(error: Exception) -> None:
+    global _enabled
+    _enabled = False
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    warnings.warn(
+        f"altgrad: compiled quantize kernels are unavailable ({type(error).__name__}: {first_line}); "
+        "using the eager kernels (the same results, slower)",
+        RuntimeWarning,
+        stacklevel=3,
+    )

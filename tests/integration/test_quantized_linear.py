@@ -224,9 +224,11 @@ def test_compiled_kernels_reach_every_quantizer(monkeypatch):
 
     fused_calls = []
 
-    def fake_fused(x, fmt, margin, rounding, history_amax, codes=False):
+    def fake_fused(x, fmt, margin, rounding, history, algo, record, codes):
         fused_calls.append(fmt.name)
         amax = x.detach().abs().amax()
+        if record:
+            history.update(amax)
         return module.fused.FusedResult(x.detach().clone(), torch.ones(()), amax, None)
 
     monkeypatch.setattr(module.fused, "scale_and_quantize", fake_fused)

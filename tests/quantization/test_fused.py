@@ -13,7 +13,7 @@ import torch
 from altgrad.quantization import fused
 from altgrad.quantization.formats import get_format
 from altgrad.quantization.ops import encode, quantize
-from altgrad.quantization.scaling import compute_scale
+from altgrad.quantization.scaling import AmaxHistory, compute_scale
 
 FORMATS = ["E4M3", "E5M2", "E3M4", "E0M7", "E7M0", "FLOAT8_E4M3FNUZ", "FLOAT6_E2M3FN", "FLOAT4_E2M1FN"]
 
@@ -53,19 +53,28 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def _eager(x, fmt, margin, rounding, history_amax):
+def _history(*amaxes: float | torch.Tensor, length: int = 4) -> AmaxHistory:
+    history = AmaxHistory(length)
+    for amax in amaxes:
+        history.update(torch.as_tensor(amax, dtype=torch.float32))
+    return history
+
+
+def _eager(x, fmt, margin, rounding, history, algo):
+    """What the eager quantizer computes (``scale_for`` + ``quantize`` + ``encode``)."""
     low, high = torch.aminmax(x)
     current = torch.maximum(high, -low)
-    scale = compute_scale(current if history_amax is None else history_amax, fmt, margin=margin)
+    amax = current if history is None or len(history) == 0 else history.amax_by(algo)
+    scale = compute_scale(amax, fmt, margin=margin)
     codes = encode(x, fmt, scale, check_nan=False) if rounding == "nearest" and fmt.total_bits <= 8 else None
     return quantize(x, fmt, scale, rounding=rounding), scale, current, codes
 
 
-def _check(x, fmt, margin=0, rounding="nearest", history_amax=None):
+def _check(x, fmt, margin=0, rounding="nearest", history=None, algo="max"):
     want_codes = rounding == "nearest" and fmt.total_bits <= 8
-    result = fused.scale_and_quantize(x, fmt, margin, rounding, history_amax, codes=want_codes)
+    values, scale, current, codes = _eager(x, fmt, margin, rounding, history, algo)
+    result = fused.scale_and_quantize(x, fmt, margin, rounding, history, algo, codes=want_codes)
     assert result is not None, "compiling failed on this machine"
-    values, scale, current, codes = _eager(x, fmt, margin, rounding, history_amax)
     assert result.values.shape == x.shape and result.values.dtype == torch.float32
     assert _same_bits(result.scale, scale.reshape(()))
     assert _same_bits(result.current_amax, current)
@@ -81,8 +90,8 @@ def test_nearest_at_scale_one_matches_eager_on_every_edge(name):
     """History amax = max_finite, so the scale is exactly 1 and the ties are ties."""
     fmt = get_format(name)
     x = _edge_inputs(fmt)
-    _check(x, fmt, history_amax=torch.tensor(fmt.max_finite))
-    _check(x.reshape(8, -1) if x.numel() % 8 == 0 else x, fmt, history_amax=torch.tensor(fmt.max_finite * 4))
+    _check(x, fmt, history=_history(fmt.max_finite))
+    _check(x.reshape(8, -1) if x.numel() % 8 == 0 else x, fmt, history=_history(fmt.max_finite * 4))
 
 
 @pytest.mark.parametrize("name", ["E4M3", "E5M2", "FLOAT4_E2M1FN"])
@@ -93,7 +102,7 @@ def test_current_and_delayed_scales_and_margins_match_eager(name):
         x = torch.randn(3000, generator=generator) * 10.0 ** (trial - 3)
         for margin in (0, 1, 3):
             _check(x, fmt, margin=margin)  # current scaling: this call's amax
-            _check(x, fmt, margin=margin, history_amax=x.abs().amax() * 0.37)  # saturates the top
+            _check(x, fmt, margin=margin, history=_history(x.abs().amax() * 0.37))  # saturates the top
     _check(torch.zeros(64), fmt)  # amax 0: scale 1
     _check(-torch.zeros(64), fmt)
     _check(torch.tensor([1.0, math.nan, -2.0]), fmt)  # NaN amax: scale 1, values NaN where x is
@@ -103,17 +112,36 @@ def test_current_and_delayed_scales_and_margins_match_eager(name):
 def test_toward_zero_matches_eager(name):
     fmt = get_format(name)
     x = _edge_inputs(fmt, seed=2)
-    _check(x, fmt, rounding="toward_zero", history_amax=torch.tensor(fmt.max_finite))
+    _check(x, fmt, rounding="toward_zero", history=_history(fmt.max_finite))
     _check(x[torch.isfinite(x)], fmt, rounding="toward_zero")
+
+
+@pytest.mark.parametrize("algo", ["max", "most_recent"])
+def test_the_history_is_read_and_recorded_as_update_does(algo):
+    """Scales from the history's amax (max over it, or its latest entry), then this call's amax pushed
+    into it, through a wrap-around of the ring: the same buffer, position and count as eager."""
+    fmt = get_format("E4M3")
+    generator = torch.Generator().manual_seed(3)
+    eager, kernel = AmaxHistory(3), AmaxHistory(3)
+    for step in range(7):
+        x = torch.randn(500, generator=generator) * (2.0 if step % 2 else 0.25)
+        _check(x, fmt, history=kernel, algo=algo)  # reads only
+        values, scale, current, _ = _eager(x, fmt, 0, "nearest", eager, algo)
+        eager.update(current)
+        result = fused.scale_and_quantize(x, fmt, history=kernel, algo=algo, record=True)
+        assert _same_bits(result.values, values) and _same_bits(result.scale, scale.reshape(()))
+        assert torch.equal(kernel.buffer, eager.buffer)
+        assert (kernel.position, len(kernel)) == (eager.position, len(eager))
 
 
 def test_one_graph_serves_every_length():
     fmt = get_format("E5M2")
-    fused.scale_and_quantize(torch.randn(100), fmt, 0, "nearest", None)  # compiled (or cached) here
+    fused.scale_and_quantize(torch.randn(100), fmt)  # compiled (or cached) here
+    fused.scale_and_quantize(torch.randn(100), fmt, history=_history(3.0))
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for n in (2, 7, 1000, 70001):
         _check(torch.randn(n), fmt)
-        _check(torch.randn(n), fmt, history_amax=torch.tensor(3.0))
+        _check(torch.randn(n), fmt, history=_history(3.0))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
 
 

@@ -164,21 +164,27 @@ class _TensorQuantizer(nn.Module):
         return (
             spec.scaling in ("delayed", "current")
             and self.amax_group is None
+            and self.history.buffer.device.type == "cpu"
             and fused.supports(x, self.format, spec.rounding, spec.power_of_two_scales)
         )
 
     def _fused_forward(self, x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor | None:
         """``scale_for`` + quantize (+ the weight's codes) in one compiled kernel: the eager path's
         results bit for bit; None if compiling is unavailable."""
-        spec, history = self.spec, self.history
-        delayed = spec.scaling == "delayed" and len(history) > 0
-        history_amax = history.amax_by(spec.amax_compute_algo) if delayed else None
+        spec = self.spec
         keep_codes = self.keep_codes and self.training and spec.rounding == "nearest" and fmt.total_bits <= 8
-        result = fused.scale_and_quantize(x, fmt, spec.margin, spec.rounding, history_amax, codes=keep_codes)
+        result = fused.scale_and_quantize(
+            x,
+            fmt,
+            spec.margin,
+            spec.rounding,
+            history=self.history if spec.scaling == "delayed" else None,
+            algo=spec.amax_compute_algo,
+            record=self.training and spec.scaling == "delayed",
+            codes=keep_codes,
+        )
         if result is None:
             return None
-        if self.training and spec.scaling == "delayed":
-            history.update(result.current_amax)
         self.last_scale = result.scale
         if self.keep_codes and self.training:
             self.last_codes = None if result.codes is None else (result.codes, x._version)

@@ -6,8 +6,9 @@ costs tens of microseconds before it touches a byte, and the nine rounding passe
 rest. ``scale_and_quantize`` is the same computation as one ``torch.compile`` graph, which inductor
 turns into one loop over ``x``::
 
-    current = max(|x|)                                  this call's amax (for the history)
-    s       = compute_scale(history_amax or current, fmt, margin)
+    current = max(|x|)                                  this call's amax
+    s       = compute_scale(history.amax_by(algo) or current, fmt, margin)
+    history.update(current)                             when recording (a training call)
     y       = Q(x / s)                                  nearest (ties to even) or toward zero, saturating
     codes   = encode(y)                                 optional: uint8 codes of y
     values  = y * s
@@ -32,7 +33,8 @@ the eager kernels: the same results, slower.
 Example::
 
     >>> from altgrad.quantization import E4M3
-    >>> result = scale_and_quantize(torch.randn(4096), E4M3)              # doctest: +SKIP
+    >>> history = AmaxHistory(16)
+    >>> result = scale_and_quantize(torch.randn(4096), E4M3, history=history, record=True)  # doctest: +SKIP
     >>> result.values, result.scale, result.current_amax, result.codes    # doctest: +SKIP
 """
 
@@ -46,7 +48,7 @@ import torch
 
 from . import _engine
 from .formats import FloatFormat
-from .scaling import tensor_scale
+from .scaling import AMAX_COMPUTE_ALGOS, AmaxHistory, tensor_scale
 
 ROUNDINGS: tuple[str, ...] = ("nearest", "toward_zero")
 
@@ -82,28 +84,42 @@ def scale_and_quantize(
     fmt: FloatFormat,
     margin: int = 0,
     rounding: str = "nearest",
-    history_amax: torch.Tensor | None = None,
+    history: AmaxHistory | None = None,
+    algo: str = "max",
+    record: bool = False,
     codes: bool = False,
 ) -> FusedResult | None:
-    """Fake-quantize ``x`` at the per-tensor scale of ``history_amax`` (delayed scaling) or, when it is
-    None, of this call's amax (current scaling), in one compiled kernel; ``codes`` adds the uint8
-    codes (8-bit formats, nearest rounding). No autograd: the caller attaches the straight-through
-    gradient. None if compiling is unavailable (then the caller's eager path gives the same results).
-    ``x`` must satisfy ``supports``."""
+    """Fake-quantize ``x`` in one compiled kernel at the per-tensor scale of ``history.amax_by(algo)``
+    (delayed scaling; of this call's amax while the history is empty), or of this call's amax when
+    ``history`` is None (current scaling). ``record`` pushes this call's amax into ``history`` (inside
+    the kernel: ``history.update``'s effect). ``codes`` adds the uint8 codes (8-bit formats, nearest).
+    No autograd: the caller attaches the straight-through gradient. None if compiling is unavailable
+    (then the caller's eager path gives the same results). ``x`` must satisfy ``supports``."""
     if codes and (fmt.total_bits > 8 or rounding != "nearest"):
         raise ValueError(f"codes: only for 8-bit formats rounded to nearest, got {fmt.name} {rounding}")
-    kernel = _kernel(fmt, margin, rounding, codes)
+    kernel = _kernel(fmt, margin, rounding, algo, codes)
     if kernel is None:
         return None
-    flat = x.detach().reshape(-1)
+    flat = (x.detach() if x.requires_grad else x).reshape(-1)
     torch._dynamo.mark_dynamic(flat, 0)
-    use_history = _constant(history_amax is not None, torch.bool)
-    amax = _constant(0.0) if history_amax is None else history_amax.reshape(()).to(torch.float32)
+    if history is None:
+        buffer, read, write, use_history, record = _NO_HISTORY, 0, 0, False, False
+    else:
+        buffer, write, use_history = history.buffer, history.position, len(history) > 0
+        read = (write - 1) % history.length  # the most recent entry
+    inputs = (_constant((read,), torch.int64), _constant((write,), torch.int64))
+    inputs += (
+        _constant(use_history, torch.bool),
+        _constant(record, torch.bool),
+        _constant(_target(fmt, margin)),
+    )
     try:
-        values, scale, current, code_values = kernel(flat, amax, use_history, _constant(_target(fmt, margin)))
+        values, scale, current, code_values = kernel(flat, buffer, *inputs)
     except Exception as error:  # a backend that cannot compile: from now on the eager kernels
         _disable(error)
         return None
+    if record:
+        history.advance()
     return FusedResult(
         values.view(x.shape), scale, current, None if code_values is None else code_values.view(x.shape)
     )
@@ -120,22 +136,36 @@ def _target(fmt: FloatFormat, margin: int) -> float:
 _CONSTANTS: dict[tuple, torch.Tensor] = {}
 
 
-def _constant(value: float | bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A cached 0-dim CPU tensor (a graph input, so that no value is baked into a kernel)."""
+def _constant(value: float | bool | tuple[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A cached CPU tensor of ``value`` (a number: 0-dim; a tuple: 1-dim), read-only by convention: a
+    graph input, so that no value is baked into a kernel."""
     key = (value, dtype)
     if key not in _CONSTANTS:
         _CONSTANTS[key] = torch.tensor(value, dtype=dtype)
     return _CONSTANTS[key]
 
 
+_NO_HISTORY = torch.zeros(1)  # the history input when there is none (read never used, never written)
+
+
 def _fused_body(
-    x: torch.Tensor, history_amax: torch.Tensor, use_history: torch.Tensor, target: torch.Tensor
+    x: torch.Tensor,
+    history: torch.Tensor,
+    read: torch.Tensor,
+    write: torch.Tensor,
+    use_history: torch.Tensor,
+    record: torch.Tensor,
+    target: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The traced computation; ``JOB`` and ``CODES`` are bound per configuration (see ``_kernel``)."""
+    """The traced computation; ``JOB``, ``ALGO``, ``CODES`` and ``STAND_INS`` are bound per
+    configuration (see ``_kernel``)."""
     job: _engine.Job = JOB  # noqa: F821 - bound in the copy's globals
     low, high = torch.aminmax(x)
     current = torch.maximum(-low, high)  # for equal zeros inductor keeps the second, eager the first
-    scale = tensor_scale(torch.where(use_history, history_amax, current), target)
+    stored = history.amax() if ALGO == "max" else history.index_select(0, read).reshape(())  # noqa: F821
+    scale = tensor_scale(torch.where(use_history, stored, current), target)
+    kept = history.index_select(0, write)  # after the read: this call's amax into the next slot
+    history.index_copy_(0, write, torch.where(record, current, kept))
     job = replace(job, scale=scale, multiply_back=False)
     n, work = x.numel(), job.plan.work
     rounded = torch.empty(n, dtype=work.dtype, device=x.device)
@@ -153,21 +183,24 @@ _KERNELS: dict[tuple, object] = {}
 _enabled = True
 
 
-def _kernel(fmt: FloatFormat, margin: int, rounding: str, codes: bool):
+def _kernel(fmt: FloatFormat, margin: int, rounding: str, algo: str, codes: bool):
     """The compiled ``_fused_body`` for one configuration, or None once compiling has failed.
 
     Each configuration is its own function object with its own code object (so its own dynamo cache:
-    the recompile limit is never shared) and globals binding its static ``JOB`` and ``CODES``.
+    the recompile limit is never shared) and globals binding its static ``JOB``, ``ALGO`` (the
+    history's amax_compute_algo), ``CODES`` and ``STAND_INS`` (the encoder's inf/NaN stand-ins).
     """
     if not _enabled:
         return None
-    key = (fmt, margin, rounding, codes)
+    if algo not in AMAX_COMPUTE_ALGOS:
+        raise ValueError(f"algo: {algo!r} is not one of {AMAX_COMPUTE_ALGOS}")
+    key = (fmt, margin, rounding, algo, codes)
     kernel = _KERNELS.get(key)
     if kernel is None:
         plan = _engine._plan(fmt, _engine._FLOAT32)
         job = _engine.Job(fmt, plan, rounding, "saturate", None, None, False, None)
         code = _fused_body.__code__.replace(co_name=f"_fused_body_{len(_KERNELS)}")
-        bound = {"JOB": job, "CODES": codes, "STAND_INS": _engine._special_stand_ins(fmt)}
+        bound = {"JOB": job, "ALGO": algo, "CODES": codes, "STAND_INS": _engine._special_stand_ins(fmt)}
         body = types.FunctionType(code, {**_fused_body.__globals__, **bound}, code.co_name)
         kernel = _KERNELS[key] = torch.compile(body, dynamic=False)
     return kernel

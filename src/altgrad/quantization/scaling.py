@@ -136,6 +136,20 @@ class AmaxHistory:
             self._history[self._position] = float(amax)
         else:
             raise ValueError(f"amax: expected a tensor or a number, got {type(amax).__name__}")
+        self.advance()
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The ring buffer itself (not a copy), for a kernel that reads it and writes the next slot."""
+        return self._history
+
+    @property
+    def position(self) -> int:
+        """The slot the next ``update`` writes."""
+        return self._position
+
+    def advance(self) -> None:
+        """Count a value written at ``position`` (by ``update``, or by a kernel writing ``buffer``)."""
         self._position = (self._position + 1) % self.length
         self._count = min(self._count + 1, self.length)
 

@@ -45,6 +45,19 @@ def test_dry_run_prints_the_cells_and_runs_nothing(tmp_path, fakes, capsys):
     assert not (tmp_path / "runs").exists() and result.completed == 0
 
 
+def test_dry_run_lists_only_the_shard_and_cells_this_launch_would_run(tmp_path, fakes, capsys):
+    grid = write_grid(tmp_path)
+    run_matrix(grid, dry_run=True, run_cell=fakes.fake_cell, shard=(1, 3))  # cells 1 and 4 of 0..6
+    out = capsys.readouterr().out
+    assert "2 of 7 cells (0 finished, 0 to resume, 2 to run, 0 in conflict)" in out
+    listed = re.findall(r"^  (\S+) ", out, flags=re.MULTILINE)
+    assert listed == ["E4M3-grid", "E0M7-adamw"]
+    run_matrix(grid, dry_run=True, run_cell=fakes.fake_cell, cells=["E1M6-adamw"])
+    out = capsys.readouterr().out
+    assert "1 of 7 cells" in out and re.findall(r"^  (\S+) ", out, flags=re.MULTILINE) == ["E1M6-adamw"]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_runs_every_cell_and_writes_matrix_json(tmp_path, fakes):
     result = run_matrix(write_grid(tmp_path), run_cell=fakes.fake_cell)
     assert (result.completed, result.failed, result.skipped) == (7, 0, 0)

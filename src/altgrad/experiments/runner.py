@@ -210,18 +210,21 @@ def cell_status(cell: Cell) -> dict[str, Any]:
     return _record(cell, status, why) | {"plan": action, "locked_by": owner}
 
 
-def describe_grid(grid: Grid) -> str:
-    """The expanded cells, one a line: name, what would happen, assignment, equivalence."""
-    plans = [plan_cell(cell) for cell in grid.cells]
+def describe_grid(grid: Grid, selected: list[int] | None = None) -> str:
+    """The expanded cells, one a line: name, what would happen, assignment, equivalence; with
+    ``selected`` (indices, see ``select_cells``) only those, and the header says of how many."""
+    chosen = [grid.cells[i] for i in selected] if selected is not None else grid.cells
+    plans = [plan_cell(cell) for cell in chosen]
     count = {
         action: sum(plan[0] == action for plan in plans) for action in ("skip", "resume", "run", "conflict")
     }
-    width = max(len(cell.name) for cell in grid.cells)
+    width = max((len(cell.name) for cell in chosen), default=0)
+    of_all = f" of {len(grid.cells)}" if len(chosen) != len(grid.cells) else ""
     lines = [
-        f"matrix {grid.matrix_dir}: {len(grid.cells)} cells ({count['skip']} finished, {count['resume']} to "
-        f"resume, {count['run']} to run, {count['conflict']} in conflict)"
+        f"matrix {grid.matrix_dir}: {len(chosen)}{of_all} cells ({count['skip']} finished, {count['resume']} "
+        f"to resume, {count['run']} to run, {count['conflict']} in conflict)"
     ]
-    for cell, (action, why) in zip(grid.cells, plans, strict=True):
+    for cell, (action, why) in zip(chosen, plans, strict=True):
         line = f"  {cell.name.ljust(width)}  {action:<8}  "
         line += f"baseline {cell.baseline}: " if cell.baseline else ""
         line += format_assignment(cell.assignment)
@@ -335,9 +338,9 @@ def run_matrix(
     selected = select_cells(grid, shard, cells)
     run_cell = run_cell or train_cell
     result = MatrixResult(grid.matrix_dir)
-    if dry_run:
-        print(describe_grid(grid))
-        result.skipped = sum(plan_cell(cell)[0] == "skip" for cell in grid.cells)
+    if dry_run:  # what this launch would do: its shard and --cell selection only
+        print(describe_grid(grid, selected))
+        result.skipped = sum(plan_cell(grid.cells[i])[0] == "skip" for i in selected)
         return result
 
     records, todo, owned, selection = [], [], set(), set(selected)

@@ -148,6 +148,8 @@ def test_formats_passed_each_call_are_the_source_of_truth():
     )  # the trainer did not apply it
     assert decision.from_format is E5M2
     assert ctl.update(3, stall_ratios={"fc": 1.0}, formats={"fc": None}) == []  # unquantized: skipped
+    for no_format in ("none", "FP32", ""):  # every spelling of "no format" (parse_format)
+        assert ctl.update(4, stall_ratios={"fc": 1.0}, formats={"fc": no_format}) == []
 
 
 def test_no_successor_gives_one_notice_per_format():

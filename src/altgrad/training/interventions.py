@@ -67,7 +67,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from altgrad.diagnostics.components import Component, FlipDiagnostic, QuantStatsDiagnostic, register_component
-from altgrad.quantization.formats import FORMATS, FloatFormat, get_format
+from altgrad.quantization.formats import FORMATS, FloatFormat, get_format, parse_format
 from altgrad.quantization.types import ScaleLike
 from altgrad.record import metric_key
 
@@ -308,7 +308,7 @@ class FormatShiftController:
 
     def _set_formats(self, formats: Mapping[str, FloatFormat | str | None]) -> None:
         for name, fmt in formats.items():
-            self._layers.setdefault(name, _LayerWatch()).format = None if fmt is None else get_format(fmt)
+            self._layers.setdefault(name, _LayerWatch()).format = parse_format(fmt)  # "none": unquantized
 
     def update(
         self,
@@ -378,7 +378,7 @@ class FormatShiftController:
 
     def load_state_dict(self, state: dict) -> None:
         self._layers = {
-            name: _LayerWatch(get_format(s["format"]) if s["format"] else None, s["bad_streak"],
+            name: _LayerWatch(parse_format(s["format"]), s["bad_streak"],
                               s["gave_up_on"], list(s["shifts"]))
             for name, s in state.items()
         }  # fmt: skip

@@ -250,10 +250,17 @@ def test_compiled_kernels_reach_every_quantizer(monkeypatch):
 @pytest.mark.parametrize(
     ("rounding", "scaling"), [("nearest", "delayed"), ("nearest", "current"), ("stochastic", "delayed")]
 )
-def test_compiled_kernels_train_bit_for_bit_like_eager(rounding, scaling):
+def test_compiled_kernels_train_bit_for_bit_like_eager(rounding, scaling, monkeypatch):
     """Five AdamW steps of a quantized GPT: the same losses, weights, amax histories, weight codes (a
     flip tracker's) and quant statistics with compiled kernels as eager (the model around them stays
     eager). Nearest rounding takes the fused kernel; stochastic rounding on a CPU stays eager."""
+    import altgrad.integration.quantized_linear as module
+
+    computed = []
+    real = module.fused.scale_and_quantize
+    monkeypatch.setattr(
+        module.fused, "scale_and_quantize", lambda *a, **k: computed.append(real(*a, **k)) or computed[-1]
+    )
     plan = QuantPlan(weight="E4M3", activation="E3M4", grad="E5M2", rounding=rounding, scaling=scaling)
     x = torch.randint(11, (4, 8), generator=torch.Generator().manual_seed(1))
     runs = []
@@ -289,6 +296,10 @@ def test_compiled_kernels_train_bit_for_bit_like_eager(rounding, scaling):
     )
     assert all(torch.equal(a, b) for a, b in zip(histories, eager_histories, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(stats, eager_stats, strict=True))
+    if rounding == "nearest":  # the fused kernel computed every call (no fallback to eager)
+        assert computed and all(result is not None for result in computed)
+    else:
+        assert not computed
     if rounding == "nearest":  # E4M3 is native: the eager path keeps codes too
         assert all(a is not None and torch.equal(a, b) for a, b in zip(codes, eager_codes, strict=True))
     else:

@@ -161,20 +161,27 @@ def test_supports_only_what_it_computes_exactly():
 
 
 def test_a_backend_that_cannot_compile_warns_once_and_hands_back_to_eager(monkeypatch):
+    """A machine without a working C++ compiler (inductor pointed at a missing one, its caches off):
+    one warning naming the cause, None (the caller's eager kernels) from then on."""
     monkeypatch.setattr(fused, "_enabled", True)
     monkeypatch.setattr(fused, "_KERNELS", {})
-
-    def broken_compile(fn, **kwargs):
-        def run(*args):
-            raise RuntimeError("no C++ compiler found\nmore detail")
-
-        return run
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
     fmt = get_format("E4M3")
-    with pytest.warns(
-        RuntimeWarning, match="compiled quantize kernels are unavailable.*no C\\+\\+ compiler found"
-    ):
+    no_compiler = {"cpp.cxx": ("/nonexistent/g++",), "force_disable_caches": True}
+    with torch._inductor.config.patch(no_compiler):  # inductor's own patch restores its config exactly
+        with pytest.warns(RuntimeWarning, match="compiled quantize kernels are unavailable .*nonexistent"):
+            assert fused.scale_and_quantize(torch.randn(16), fmt) is None
+        assert not fused.supports(torch.randn(16), fmt, "nearest")  # later calls go eager without trying
         assert fused.scale_and_quantize(torch.randn(16), fmt) is None
-    assert not fused.supports(torch.randn(16), fmt, "nearest")  # later calls go eager without trying
-    assert fused.scale_and_quantize(torch.randn(16), fmt) is None
+
+
+def test_an_error_that_is_not_the_backends_propagates(monkeypatch):
+    """Only a failing backend means 'use the eager kernels': any other error is a bug, not hidden."""
+    monkeypatch.setattr(fused, "_enabled", True)
+
+    def broken(*args):
+        raise IndexError("a bug in the traced code")
+
+    monkeypatch.setattr(fused, "_kernel", lambda *args: broken)
+    with pytest.raises(IndexError, match="a bug"):
+        fused.scale_and_quantize(torch.randn(16), get_format("E4M3"))
+    assert fused._enabled

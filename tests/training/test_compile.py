@@ -108,24 +108,40 @@ def test_train_compile_is_off_by_default() -> None:
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_compiled_kernels_key_leaves_every_metric_unchanged(tmp_path) -> None:
+def test_compiled_kernels_key_leaves_every_metric_unchanged(tmp_path, monkeypatch) -> None:
     """``quant.compiled_kernels`` (on by default) changes how the quantizers compute, not what: a tiny
     run with every diagnostic due (flips from the forward's codes, quant statistics, rank, eval)
-    writes the same metrics.jsonl with it on and off, timing fields aside."""
+    writes the same metrics.jsonl with it on and off, timing fields aside; on, the fused kernel
+    computed the quantizations (and the flip-tracked weights' codes), off, it never ran."""
     import json
 
+    from altgrad.quantization import fused
     from altgrad.training.trainer import Trainer
     from tiny_runs import EVERY_DIAGNOSTIC_DUE
 
+    computed = {"values": 0, "codes": 0}
+    real = fused.scale_and_quantize
+
+    def counted(*args, **kwargs):
+        result = real(*args, **kwargs)
+        computed["values"] += result is not None
+        computed["codes"] += result is not None and result.codes is not None
+        return result
+
+    monkeypatch.setattr(fused, "scale_and_quantize", counted)
     assert load_config(None).quant.compiled_kernels
-    records = {}
+    records, fused_calls = {}, {}
     for on in (False, True):
         settings = [f"out_dir={tmp_path}", f"name=k{on}", f"quant.compiled_kernels={on}"]
         trainer = Trainer(load_config(None, [*EVERY_DIAGNOSTIC_DUE, *settings]))
         assert all(layer.compiled_kernels is on for layer in trainer.layers.values())
+        before = dict(computed)
         trainer.run()
+        fused_calls[on] = {key: computed[key] - before[key] for key in computed}
         lines = (tmp_path / f"k{on}" / "metrics.jsonl").read_text().splitlines()
         timing = ("tokens_per_s", "elapsed_s")
         records[on] = [{k: v for k, v in json.loads(line).items() if k not in timing} for line in lines]
     assert any(key.startswith("flips/") for record in records[True] for key in record)
     assert records[True] == records[False]
+    assert fused_calls[False] == {"values": 0, "codes": 0}
+    assert fused_calls[True]["codes"] > 0 and fused_calls[True]["values"] > fused_calls[True]["codes"]

@@ -633,8 +633,13 @@ def _compiled_whole_tensor(job: Job, src_dtype: torch.dtype, out_dtype: torch.dt
     )  # fmt: skip
     compiled = _COMPILED.get(key)
     if compiled is None:
-        code = _whole_tensor.__code__.replace(co_name=f"_whole_tensor_{len(_COMPILED)}")
-        body = types.FunctionType(code, _whole_tensor.__globals__, code.co_name)
-        compiled = torch.compile(body, dynamic=True)
-        _COMPILED[key] = compiled
+        compiled = _COMPILED[key] = torch.compile(own_copy(_whole_tensor, len(_COMPILED)), dynamic=True)
     return compiled
+
+
+def own_copy(function: types.FunctionType, number: int, **bound: object) -> types.FunctionType:
+    """A copy of ``function`` with its own code object (named ``<name>_<number>``), so that each
+    ``torch.compile`` of a copy has its own dynamo cache and recompile limit; ``bound`` adds globals
+    the copy reads as constants (a per-configuration value a trace should specialise on)."""
+    code = function.__code__.replace(co_name=f"{function.__name__}_{number}")
+    return types.FunctionType(code, {**function.__globals__, **bound}, code.co_name)

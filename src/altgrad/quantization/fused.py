@@ -4,7 +4,7 @@ Eager, a delayed-scaling quantizer runs about twenty small ops per tensor (``ami
 rule's five, the rounding kernel's nine, the history's two ...); on a CPU inside a training step each
 costs tens of microseconds before it touches a byte, and the nine rounding passes cost most of the
 rest. ``scale_and_quantize`` is the same computation as one ``torch.compile`` graph, which inductor
-turns into one loop over ``x``::
+turns into one C++ function of two loops over ``x`` (the amax, then the rest)::
 
     current = max(|x|)                                  this call's amax
     s       = compute_scale(history.amax_by(algo) or current, fmt, margin)
@@ -25,10 +25,10 @@ compares the two on eight formats, with zeros, subnormals, ties, overflow, +-inf
 Where it applies (``supports``): a float32 CPU tensor of at least 2 elements, outside a caller's
 ``torch.compile`` trace, in a format whose arithmetic fits float32, rounded to nearest or toward
 zero, with scales that are not rounded to powers of two. The length is a dynamic dimension, so one
-graph serves every shape; each (format, margin, rounding, codes) combination compiles once per
-process (seconds; inductor's on-disk cache makes later processes faster). If compiling fails (no C++
-compiler, say), ``scale_and_quantize`` warns once and returns None from then on, and the caller runs
-the eager kernels: the same results, slower.
+graph serves every shape; each (format, margin, rounding, amax algo, codes) combination compiles once
+per process (seconds; inductor's on-disk cache makes later processes faster). If the backend cannot
+compile (no C++ compiler, say), ``scale_and_quantize`` warns once and returns None from then on, and
+the caller runs the eager kernels: the same results, slower. Any other error propagates.
 
 Example::
 
@@ -40,7 +40,6 @@ Example::
 
 from __future__ import annotations
 
-import types
 import warnings
 from dataclasses import dataclass, replace
 
@@ -115,8 +114,8 @@ def scale_and_quantize(
     )
     try:
         values, scale, current, code_values = kernel(flat, buffer, *inputs)
-    except Exception as error:  # a backend that cannot compile: from now on the eager kernels
-        _disable(error)
+    except torch._dynamo.exc.BackendCompilerFailed as error:  # inductor's errors included
+        _disable(error)  # from now on the eager kernels
         return None
     if record:
         history.advance()
@@ -145,7 +144,7 @@ def _constant(value: float | bool | tuple[int], dtype: torch.dtype = torch.float
     return _CONSTANTS[key]
 
 
-_NO_HISTORY = torch.zeros(1)  # the history input when there is none (read never used, never written)
+_NO_HISTORY = torch.zeros(1)  # the history input when there is none (its value unused, never changed)
 
 
 def _fused_body(
@@ -186,9 +185,9 @@ _enabled = True
 def _kernel(fmt: FloatFormat, margin: int, rounding: str, algo: str, codes: bool):
     """The compiled ``_fused_body`` for one configuration, or None once compiling has failed.
 
-    Each configuration is its own function object with its own code object (so its own dynamo cache:
-    the recompile limit is never shared) and globals binding its static ``JOB``, ``ALGO`` (the
-    history's amax_compute_algo), ``CODES`` and ``STAND_INS`` (the encoder's inf/NaN stand-ins).
+    Each configuration is its own copy of the function (``_engine.own_copy``: its own dynamo cache)
+    with globals binding its static ``JOB``, ``ALGO`` (the history's amax_compute_algo), ``CODES``
+    and ``STAND_INS`` (the encoder's inf/NaN stand-ins).
     """
     if not _enabled:
         return None
@@ -199,19 +198,21 @@ def _kernel(fmt: FloatFormat, margin: int, rounding: str, algo: str, codes: bool
     if kernel is None:
         plan = _engine._plan(fmt, _engine._FLOAT32)
         job = _engine.Job(fmt, plan, rounding, "saturate", None, None, False, None)
-        code = _fused_body.__code__.replace(co_name=f"_fused_body_{len(_KERNELS)}")
-        bound = {"JOB": job, "ALGO": algo, "CODES": codes, "STAND_INS": _engine._special_stand_ins(fmt)}
-        body = types.FunctionType(code, {**_fused_body.__globals__, **bound}, code.co_name)
+        stand_ins = _engine._special_stand_ins(fmt)
+        body = _engine.own_copy(
+            _fused_body, len(_KERNELS), JOB=job, ALGO=algo, CODES=codes, STAND_INS=stand_ins
+        )
         kernel = _KERNELS[key] = torch.compile(body, dynamic=False)
     return kernel
 
 
-def _disable(error: Exception) -> None:
+def _disable(error: torch._dynamo.exc.BackendCompilerFailed) -> None:
     global _enabled
     _enabled = False
-    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    cause = error.inner_exception  # what the backend raised (e.g. InvalidCxxCompiler)
+    first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
     warnings.warn(
-        f"altgrad: compiled quantize kernels are unavailable ({type(error).__name__}: {first_line}); "
+        f"altgrad: compiled quantize kernels are unavailable ({type(cause).__name__}: {first_line}); "
         "using the eager kernels (the same results, slower)",
         RuntimeWarning,
         stacklevel=3,

@@ -356,7 +356,14 @@ class Trainer:
         for warning in self.startup_warnings if self.dist.is_main else ():  # once, not once per rank
             print(f"altgrad: warning: {warning}", file=sys.stderr)
             self.logger.event(self.step, "alert", warning)
-        if config.quant.compiled_kernels and self.layers and config.logging.progress and self.dist.is_main:
+        compiles = config.quant.rounding == "nearest" or self.device.type != "cpu"  # else all eager
+        if (
+            config.quant.compiled_kernels
+            and compiles
+            and self.layers
+            and config.logging.progress
+            and self.dist.is_main
+        ):
             print(
                 "altgrad: the first step compiles the quantize kernels (seconds, once per format; cached "
                 "on disk); quant.compiled_kernels=false runs them eagerly, with the same results",

@@ -19,9 +19,10 @@ parameters, batch 8 x 256 tokens.
    ``torch.linalg.svdvals`` per weight as stored, in float64 (the precision the metrics are defined
    in) and in float32, metrics from its singular values, each read with float(). Target >= 2x.
 
-Medians of ``--repeats``; variants interleaved. Prints a table, writes ``bench/results/diagnostics.json``.
+Medians of ``--repeats``; variants interleaved. Prints a table, writes JSON (``--json``, default
+``bench/results/diagnostics.json``).
 
-    python bench/diagnostics.py [--repeats 15] [--rank-threads 1] [--device cpu]
+    python bench/diagnostics.py [--repeats 15] [--rank-threads 1] [--device cpu] [--json PATH]
 """
 
 from __future__ import annotations
@@ -30,12 +31,10 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from altgrad.diagnostics.rank_health import rank_metrics_from_singular_values
-from altgrad.jsonio import write_json_atomic
 from altgrad.quantization import (
     E4M3,
     RankHealthMonitor,
@@ -46,6 +45,7 @@ from altgrad.quantization import (
 )
 from altgrad.quantization.codes import native_encode, quantize_keeping_codes
 from altgrad.training.model import GPT, GPTConfig
+from results_json import add_json_argument, write_results
 
 VOCAB_SIZE, BLOCK_SIZE = 65, 256
 
@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rank-threads", type=int, default=1, help="torch threads for the rank timings")
     parser.add_argument("--device", default="cpu")
+    add_json_argument(parser, "diagnostics")
     args = parser.parse_args()
     device = torch.device(args.device)
 
@@ -281,10 +282,8 @@ def main() -> None:
             "target_speedup_min": 2.0,
         },
     }  # fmt: skip
-    out = Path(__file__).parent / "results" / "diagnostics.json"
-    out.parent.mkdir(exist_ok=True)
-    write_json_atomic(out, result)
-    print(f"\nwrote {out}")
+    print()
+    write_results(args.json, result)
 
 
 if __name__ == "__main__":

@@ -30,15 +30,14 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import torch
 
-from altgrad.jsonio import write_json_atomic
 from altgrad.quantization import quantize
 from altgrad.quantization.formats import E3M4, E4M3, E5M2, E7M0
+from results_json import add_json_argument, write_results
 
 FORMATS = {"E4M3": E4M3, "E5M2": E5M2, "E3M4": E3M4, "E7M0": E7M0}
 
@@ -111,7 +110,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="also time quantize(compiled=True)")
-    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "quantize.json")
+    add_json_argument(parser, "quantize")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -168,9 +167,7 @@ def main() -> None:
         "peer": "native e4m3fn round trip",
         "rows": rows,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.json, result)
-    print(f"wrote {args.json}")
+    write_results(args.json, result)
 
 
 if __name__ == "__main__":

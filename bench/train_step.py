@@ -23,14 +23,13 @@ import argparse
 import contextlib
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from altgrad.integration import QuantizedLinear, QuantPlan, quantize_model
-from altgrad.jsonio import write_json_atomic
 from altgrad.training.config import load_config
 from altgrad.training.model import GPT, GPTConfig
+from results_json import add_json_argument, write_results
 
 VOCAB_SIZE = 65  # the shipped character-level corpus has about this many symbols
 
@@ -80,7 +79,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per variant per round")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd fp32 and quantized")
-    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "train_step.json")
+    add_json_argument(parser, "train_step")
     args = parser.parse_args()
     config = load_config(None)
     batch_size = args.batch_size or config.train.batch_size
@@ -138,7 +137,6 @@ def main() -> None:
                 "round_ratios_vs_fp32": round_ratios[name],
             }
         )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
     peer = "fp32 eager step of the same model, same process"
     result = {
         "batch_size": batch_size,
@@ -148,8 +146,7 @@ def main() -> None:
         "peer": peer,
         "rows": rows,
     }
-    write_json_atomic(args.json, result)
-    print(f"wrote {args.json}")
+    write_results(args.json, result)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ more time per token the quantized run takes. ``--set`` applies to both runs, ``-
 the quantized one only (e.g. ``diagnostics.flips=false`` to see what the flips cost).
 
     python bench/user_run.py [--pairs 3] [--steps 40] [--set KEY=VALUE] [--quantized-set KEY=VALUE]
+                             [--json PATH]
 
-Prints both medians and the ratio; writes ``bench/results/user_run.json``.
+Prints both medians and the ratio; writes JSON (``--json``, default ``bench/results/user_run.json``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from altgrad.jsonio import write_json_atomic
+from results_json import add_json_argument, write_results
 
 
 def run_cli(out_dir: str, name: str, steps: int, overrides: list[str]) -> float:
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--set", dest="both", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--quantized-set", action="append", default=[], metavar="KEY=VALUE")
+    add_json_argument(parser, "user_run")
     args = parser.parse_args()
 
     variants = {
@@ -78,10 +80,7 @@ def main() -> None:
         "per_pair_ratio": [p / q for q, p in zip(*speeds.values(), strict=True)],
         "target_ratio_max": 1.3,
     }
-    out = Path(__file__).parent / "results" / "user_run.json"
-    out.parent.mkdir(exist_ok=True)
-    write_json_atomic(out, result)
-    print(f"wrote {out}")
+    write_results(args.json, result)
 
 
 if __name__ == "__main__":

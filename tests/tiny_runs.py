@@ -1,11 +1,16 @@
-"""Run settings shared by tests that train a tiny model with every diagnostic due."""
+"""Run settings shared by tests that train a tiny model."""
 
-EVERY_DIAGNOSTIC_DUE = [
+TINY_MODEL = [
     "model.n_layer=1",
     "model.n_head=2",
     "model.n_embd=32",
     "model.block_size=16",
     "train.batch_size=4",
+]
+"""A one-layer, 32-wide GPT on batches of 4 x 16 tokens."""
+
+EVERY_DIAGNOSTIC_DUE = [  # the tiny model with every diagnostic due
+    *TINY_MODEL,
     "train.max_steps=4",
     "train.warmup_steps=1",
     "train.eval_interval=4",

@@ -11,15 +11,12 @@ from altgrad.diagnostics import components
 from altgrad.diagnostics.components import Component, load_component_class, register_component
 from altgrad.training.config import ConfigError, load_config
 from altgrad.training.trainer import Trainer, resume, train
+from tiny_runs import TINY_MODEL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = [
-    "model.n_layer=1",
-    "model.n_head=2",
-    "model.n_embd=32",
-    "model.block_size=16",
-    "train.batch_size=4",
+    *TINY_MODEL,
     "train.max_steps=8",
     "train.warmup_steps=0",
     "train.eval_interval=4",

@@ -13,15 +13,12 @@ from altgrad.diagnostics.quant_stats import quant_stats_record
 from altgrad.integration import STAT_FIELDS
 from altgrad.training.config import load_config
 from altgrad.training.trainer import Trainer, train
+from tiny_runs import TINY_MODEL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = [
-    "model.n_layer=1",
-    "model.n_head=2",
-    "model.n_embd=32",
-    "model.block_size=16",
-    "train.batch_size=4",
+    *TINY_MODEL,
     "train.max_steps=6",
     "train.warmup_steps=0",
     "train.eval_interval=3",

@@ -19,6 +19,7 @@ from altgrad.training.config import load_config
 from altgrad.training.optimizer import OPTIMIZERS, SGD, AdamW
 from altgrad.training.trainer import Trainer, resume
 from altgrad.training.trainer import train as run_training
+from tiny_runs import TINY_MODEL
 
 STEPS, UPDATE, COPIES = 500, 1e-3, 4096
 TARGET = 1.0 + STEPS * UPDATE  # 1.5: still in [1, 2), where the bfloat16 spacing is 2^-7
@@ -120,7 +121,7 @@ def test_mlp_training_stalls_with_nearest_and_recovers_with_stochastic_rounding_
 # ---- the no-master regime from the run config -------------------------------------------------------------
 
 TINY_RUN = [
-    "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=16", "train.batch_size=4",
+    *TINY_MODEL,
     "train.warmup_steps=2", "train.eval_interval=100", "train.eval_batches=1", "logging.progress=false",
     "diagnostics.rank_interval=100", "diagnostics.grad_stats_interval=100",
 ]  # fmt: skip

@@ -20,15 +20,12 @@ from altgrad.training.checkpoint import CheckpointError, checkpoint_steps
 from altgrad.training.config import load_config
 from altgrad.training.run_folder import RunExistsError
 from altgrad.training.trainer import Trainer, resume, train
+from tiny_runs import TINY_MODEL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = [
-    "model.n_layer=1",
-    "model.n_head=2",
-    "model.n_embd=32",
-    "model.block_size=16",
-    "train.batch_size=4",
+    *TINY_MODEL,
     "train.max_steps=10",
     "train.warmup_steps=2",
     "train.eval_interval=5",

@@ -22,11 +22,12 @@ from altgrad.training.optimizer import (
     build_optimizer,
 )
 from altgrad.training.trainer import Trainer
+from tiny_runs import TINY_MODEL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY_RUN = [
-    "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=16", "train.batch_size=4",
+    *TINY_MODEL,
     "train.warmup_steps=0", "train.eval_interval=100", "train.eval_batches=1", "logging.progress=false",
     "diagnostics.rank_interval=100", "diagnostics.grad_stats_interval=100", "train.weight_decay=0",
 ]  # fmt: skip
